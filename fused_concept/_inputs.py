@@ -1,0 +1,226 @@
+"""Validation and canonical form of the loss inputs (step 0 of docs/internals.md).
+
+Every implementation receives the same `Canonical` bundle, so the rules of the contract (ignored
+rows, duplicates counted once, the gold id joining the set, rows that list no id) are applied once,
+here, and kernels only ever see a deduplicated id matrix with -1 pads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+MODES = ("marginal", "soft")
+REDUCTIONS = ("mean", "sum", "none")
+PAD = -1
+
+RowWeight = Union[float, int, Tensor]
+
+
+@dataclass
+class Canonical:
+    hidden: Tensor  # [N, D]
+    weight: Tensor  # [V, D]
+    bias: Optional[Tensor]  # [V]
+    targets: Tensor  # [N] int64, -1 on ignored rows
+    valid: Tensor  # [N] bool
+    set_ids: Tensor  # [N, S] int64, deduplicated concept set (gold included when asked), -1 pads
+    has_set: Tensor  # [N] bool: valid row whose concepts list at least one id
+    soft_ids: Optional[Tensor]  # [N, K] int64 (soft mode), -1 pads
+    soft_weights: Optional[Tensor]  # [N, K] float32 (soft mode), 0 at pads
+    alpha: Tensor  # [N] float32
+    beta: Tensor  # [N] float32
+    lead_shape: torch.Size
+
+    @property
+    def soft(self) -> bool:
+        return self.soft_ids is not None
+
+
+def _check_float_tensor(name: str, t, allow_none: bool = False) -> None:
+    if t is None and allow_none:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_int_tensor(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+
+
+def _row_weight(name: str, w: RowWeight, lead_shape: torch.Size, n: int, device) -> Tensor:
+    if isinstance(w, Tensor):
+        if w.is_complex() or w.dtype == torch.bool:
+            raise TypeError(f"{name} must be a float or a real tensor, got dtype {w.dtype}")
+        if w.dim() == 0:
+            return w.detach().float().to(device).expand(n).contiguous()
+        if w.shape != lead_shape and w.shape != (n,):
+            raise ValueError(
+                f"{name} must be a float or a tensor shaped like targets {tuple(lead_shape)}, "
+                f"got shape {tuple(w.shape)}"
+            )
+        if w.device != device:
+            raise ValueError(f"{name} is on {w.device} but hidden is on {device}")
+        return w.detach().reshape(n).float()
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(w).__name__}")
+    return torch.full((n,), float(w), dtype=torch.float32, device=device)
+
+
+def _first_bad(ids: Tensor, bad: Tensor) -> int:
+    return int(ids[bad].reshape(-1)[0].item())
+
+
+def dedup_rows(ids: Tensor) -> Tensor:
+    """Replace repeated ids within each row by -1 (each id kept once; order not preserved)."""
+    if ids.shape[1] <= 1:
+        return ids
+    ordered = ids.sort(dim=1, descending=True).values
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return ordered.masked_fill(repeat, PAD)
+
+
+def prepare(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    concepts: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    ntp_weight: RowWeight = 1.0,
+    concept_weight: RowWeight = 1.0,
+    margin: Optional[float] = None,
+    mode: str = "marginal",
+    concept_probs: Optional[Tensor] = None,
+    include_target: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    vocab_size: Optional[int] = None,
+) -> Canonical:
+    """Validate the user's inputs (raising TypeError / ValueError that name the culprit) and return
+    the canonical bundle. `vocab_size` overrides weight.shape[0] (vocab-parallel shards)."""
+    _check_float_tensor("hidden", hidden)
+    _check_float_tensor("weight", weight)
+    _check_float_tensor("bias", bias, allow_none=True)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., D] with at least one leading dim, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    d = hidden.shape[-1]
+    if weight.shape[1] != d:
+        raise ValueError(f"weight is [V, {weight.shape[1]}] but hidden's last dim is {d}")
+    v_local = weight.shape[0]
+    vocab = v_local if vocab_size is None else int(vocab_size)
+    if vocab < 1 or v_local < 1:
+        raise ValueError(f"the vocabulary must not be empty (weight has shape {tuple(weight.shape)})")
+    if bias is not None and tuple(bias.shape) != (v_local,):
+        raise ValueError(f"bias must be [{v_local}] to match weight, got shape {tuple(bias.shape)}")
+    device = hidden.device
+    for name, t in (("weight", weight), ("bias", bias), ("targets", targets), ("concepts", concepts),
+                    ("concept_probs", concept_probs)):
+        if isinstance(t, Tensor) and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise TypeError(f"margin must be None or a float, got {type(margin).__name__}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or z_loss < 0:
+        raise ValueError(f"z_loss must be a non-negative float, got {z_loss!r}")
+
+    lead_shape = hidden.shape[:-1]
+    n = 1
+    for s in lead_shape:
+        n *= s
+
+    _check_int_tensor("targets", targets)
+    if targets.shape != lead_shape:
+        raise ValueError(
+            f"targets must have hidden's leading shape {tuple(lead_shape)}, got {tuple(targets.shape)}"
+        )
+    flat_targets = targets.reshape(n).long()
+    valid = flat_targets != ignore_index
+    bad = valid & ((flat_targets < 0) | (flat_targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"targets holds id {_first_bad(flat_targets, bad)} outside the vocabulary [0, {vocab}) "
+            f"(use ignore_index={ignore_index} to drop a row)"
+        )
+
+    if concepts is None:
+        if concept_probs is not None:
+            raise ValueError("concept_probs was given without concepts")
+        flat_concepts = torch.full((n, 0), PAD, dtype=torch.long, device=device)
+    else:
+        _check_int_tensor("concepts", concepts)
+        if concepts.dim() != len(lead_shape) + 1 or concepts.shape[:-1] != lead_shape:
+            raise ValueError(
+                f"concepts must be shaped {tuple(lead_shape)} + (K,), got {tuple(concepts.shape)}"
+            )
+        flat_concepts = concepts.reshape(n, concepts.shape[-1]).long()
+        bad = (flat_concepts != PAD) & ((flat_concepts < 0) | (flat_concepts >= vocab))
+        if bool(bad.any()):
+            raise ValueError(
+                f"concepts holds id {_first_bad(flat_concepts, bad)} outside the vocabulary [0, {vocab}) "
+                f"(pad with -1)"
+            )
+
+    listed = flat_concepts != PAD
+    has_set = valid & listed.any(dim=1)
+    canon_targets = flat_targets.masked_fill(~valid, PAD)
+
+    members = flat_concepts.masked_fill(~has_set[:, None], PAD)
+    if include_target and members.shape[1] > 0:
+        gold = canon_targets.masked_fill(~has_set, PAD)[:, None]
+        members = torch.cat([members, gold], dim=1)
+    set_ids = dedup_rows(members).contiguous()
+
+    soft_ids = soft_weights = None
+    if mode == "soft":
+        if concepts is None or concept_probs is None:
+            raise ValueError('mode="soft" needs both concepts and concept_probs')
+        _check_float_tensor("concept_probs", concept_probs)
+        if concept_probs.shape != concepts.shape:
+            raise ValueError(
+                f"concept_probs must have the shape of concepts {tuple(concepts.shape)}, "
+                f"got {tuple(concept_probs.shape)}"
+            )
+        soft_ids = members[:, : flat_concepts.shape[1]].contiguous()
+        soft_weights = (
+            concept_probs.detach().reshape(n, -1).float().masked_fill(soft_ids == PAD, 0.0).contiguous()
+        )
+    elif concept_probs is not None:
+        raise ValueError('concept_probs is only used with mode="soft"')
+
+    return Canonical(
+        hidden=hidden.reshape(n, d),
+        weight=weight,
+        bias=bias,
+        targets=canon_targets.contiguous(),
+        valid=valid,
+        set_ids=set_ids,
+        has_set=has_set,
+        soft_ids=soft_ids,
+        soft_weights=soft_weights,
+        alpha=_row_weight("ntp_weight", ntp_weight, lead_shape, n, device),
+        beta=_row_weight("concept_weight", concept_weight, lead_shape, n, device),
+        lead_shape=lead_shape,
+    )

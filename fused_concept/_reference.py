@@ -1,0 +1,39 @@
+"""impl="reference": the naive loss. It materialises the float32 logits [N, V] and lets autograd do
+the rest, so it is simple enough to trust and serves as the baseline the fused paths are measured
+against. Same canonical inputs and row math as every other implementation."""
+from __future__ import annotations
+
+import torch
+
+from ._inputs import Canonical
+from ._rowmath import ShardStats, row_terms
+
+
+def reference_rows(canon: Canonical, *, softcap, margin, z_loss):
+    z = canon.hidden.float() @ canon.weight.float().t()
+    if canon.bias is not None:
+        z = z + canon.bias.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    best, arg = z.detach().max(dim=1)
+    lse = torch.logsumexp(z, dim=1)
+    target_logit = z.gather(1, canon.targets.clamp(min=0)[:, None]).squeeze(1)
+    target_logit = torch.where(canon.valid, target_logit, torch.zeros_like(lse))
+
+    # membership mask of the concept set; pads go to an extra column that is dropped
+    v = z.shape[1]
+    in_set = torch.zeros(z.shape[0], v + 1, dtype=torch.bool, device=z.device)
+    in_set.scatter_(1, torch.where(canon.set_ids >= 0, canon.set_ids, v), True)
+    in_set = in_set[:, :v]
+    # rows without a set get their full lse (finite) here; row_terms ignores them via has_set
+    masked = torch.where(in_set | ~canon.has_set[:, None], z, torch.full_like(z, float("-inf")))
+    set_lse = torch.logsumexp(masked, dim=1)
+    if canon.soft:
+        w = canon.soft_weights
+        soft_dot = (z.gather(1, canon.soft_ids.clamp(min=0)) * w).sum(dim=1)
+    else:
+        soft_dot = torch.zeros_like(lse)
+    stats = ShardStats(best, arg, lse, target_logit, set_lse, soft_dot)
+    terms = row_terms(stats, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha, beta=canon.beta,
+                      margin=margin, z_loss=z_loss, soft=canon.soft)
+    return stats, terms

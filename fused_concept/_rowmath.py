@@ -1,0 +1,147 @@
+"""Row-level math shared by every implementation (step 2 of docs/internals.md).
+
+Everything that touches the vocabulary lives in the implementations; once a row's statistics are
+known, its loss and the three scalars that shape its logit gradient are O(1) work, computed here
+once for all implementations (reference, torch, triton, vocab-parallel):
+
+    ce_i   = lse_i - z_{i,y_i}
+    mass_i = exp(lse_S_i - lse_i)                              (probability mass of the concept set)
+    cl_i   = lse_i - lse_S_i        (marginal)  |  lse_i - sum_k w_ik z_{i,C_ik}   (soft)
+    hinge_i = [mass_i < margin]     (1 without a margin; a constant for the gradient)
+    loss_i = alpha_i ce_i + beta_i hinge_i cl_i + z_loss lse_i^2          (0 on ignored rows)
+
+    dL/dz_i = coef_dense_i * softmax(z_i) - coef_target_i * onehot(y_i) - coef_set_i * q_i
+    coef_dense  = g_i (alpha_i + beta_i hinge_i + 2 z_loss lse_i)
+    coef_target = g_i alpha_i
+    coef_set    = g_i beta_i hinge_i
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+class ShardStats(NamedTuple):
+    """Per-row statistics of one vocabulary shard (all [N]; float32 except argmax)."""
+
+    max: Tensor  # max_v z_v over the shard
+    argmax: Tensor  # int64 global id of the first maximum
+    lse: Tensor  # log sum_v exp z_v over the shard
+    target_logit: Tensor  # z_y when y lies in the shard, else 0
+    set_lse: Tensor  # log sum_{t in S, t in shard} exp z_t; -inf when no set id lies in the shard
+    soft_dot: Tensor  # sum_k w_k z_{C_k} over the k whose id lies in the shard (0 without soft ids)
+
+
+class RowTerms(NamedTuple):
+    loss: Tensor  # loss_i, 0 on ignored rows
+    ce: Tensor  # ce_i, 0 on ignored rows
+    cl: Tensor  # cl_i after the hinge, 0 on rows without a concept term
+    mass: Tensor  # concept-set probability mass, 0 on rows without a set
+    hinge: Tensor  # 1.0 / 0.0
+
+
+def _merge_lse(values: Tensor) -> Tensor:
+    """log-sum-exp over dim 0 that keeps -inf (not NaN) when every entry is -inf."""
+    top = values.max(dim=0).values
+    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return safe_top + torch.log(torch.exp(values - safe_top).sum(dim=0))
+
+
+def merge_stats(parts: Sequence[ShardStats]) -> ShardStats:
+    """Combine the statistics of disjoint vocabulary shards into those of their union."""
+    if len(parts) == 1:
+        return parts[0]
+    maxes = torch.stack([p.max for p in parts])
+    best = maxes.max(dim=0).values
+    # lowest global id among the shards that hold the maximum (shards are passed in id order)
+    hit = maxes == best
+    first_shard = hit.float().argmax(dim=0)
+    argmax = torch.stack([p.argmax for p in parts]).gather(0, first_shard[None]).squeeze(0)
+    return ShardStats(
+        max=best,
+        argmax=argmax,
+        lse=_merge_lse(torch.stack([p.lse for p in parts])),
+        target_logit=torch.stack([p.target_logit for p in parts]).sum(0),
+        set_lse=_merge_lse(torch.stack([p.set_lse for p in parts])),
+        soft_dot=torch.stack([p.soft_dot for p in parts]).sum(0),
+    )
+
+
+def row_terms(
+    stats: ShardStats,
+    *,
+    valid: Tensor,
+    has_set: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    margin: float | None,
+    z_loss: float,
+    soft: bool,
+) -> RowTerms:
+    """Row losses from merged statistics. Differentiable through the statistics (the reference uses
+    autograd through it); the hinge is detached, as in the paper's code."""
+    lse = stats.lse
+    zero = torch.zeros_like(lse)
+    ce = torch.where(valid, lse - stats.target_logit, zero)
+    # empty sets have set_lse = -inf: keep the unselected branch finite so no NaN leaks into gradients
+    set_lse = torch.where(has_set, stats.set_lse, lse)
+    mass = torch.where(has_set, torch.exp(set_lse - lse), zero)
+    raw_cl = lse - stats.soft_dot if soft else lse - set_lse
+    if margin is None:
+        hinge = torch.ones_like(lse)
+    else:
+        hinge = (mass.detach() < margin).to(lse.dtype)
+        # NaN inputs: keep the NaN visible instead of letting the comparison turn it into 0
+        hinge = torch.where(torch.isnan(mass.detach()), mass.detach(), hinge)
+    cl = torch.where(has_set, raw_cl * hinge, zero)
+    loss = alpha * ce + beta * cl
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, zero)
+    return RowTerms(loss=loss, ce=ce, cl=cl, mass=mass, hinge=hinge)
+
+
+def reduce_rows(loss_rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """'none' keeps rows, 'sum' adds them, 'mean' divides by the number of valid rows (0 when none)."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def upstream_per_row(grad_out: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """The gradient of the reduced loss w.r.t. each row loss, as an [N] float32 vector."""
+    n = valid.shape[0]
+    if reduction == "none":
+        return grad_out.reshape(n).float()
+    g = grad_out.float().expand(n)
+    if reduction == "mean":
+        g = g / valid.sum().clamp(min=1).float()
+    return g
+
+
+def grad_coefficients(
+    g: Tensor,
+    *,
+    lse: Tensor,
+    hinge: Tensor,
+    valid: Tensor,
+    has_set: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    z_loss: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(coef_dense, coef_target, coef_set), each [N] float32, zero on ignored rows."""
+    zero = torch.zeros_like(lse)
+    set_term = torch.where(has_set, beta * hinge, zero)
+    dense = alpha + set_term
+    if z_loss:
+        dense = dense + 2.0 * z_loss * lse
+    coef_dense = torch.where(valid, g * dense, zero)
+    coef_target = torch.where(valid, g * alpha, zero)
+    coef_set = torch.where(valid, g * set_term, zero)
+    return coef_dense, coef_target, coef_set

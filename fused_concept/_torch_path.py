@@ -1,0 +1,187 @@
+"""The memory-efficient path in plain PyTorch (what CPU users get; the fallback everywhere).
+
+Rows are processed in chunks; only one chunk of logits `z_c = h_c W^T (+ b)` [rows, V] is alive at
+a time. Per chunk it computes the shard statistics of docs/internals.md (max/argmax, log-sum-exp,
+target logit, set log-sum-exp, soft dot) and, when asked, the logit gradient
+
+    dz = coef_dense * exp(z - lse) - coef_target * onehot(y) - coef_set * q      (q: see _rowmath)
+
+followed by `d_hidden_c = dz W`, `d_weight += dz^T h_c`, `d_bias += sum_rows dz`.
+
+`torch_stats_and_grads` does both in one sweep (the gradient of the summed loss, computed while the
+chunk's logits are still in memory), so the backward only scales: no logits are recomputed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._rowmath import ShardStats, grad_coefficients, row_terms
+
+# Elements of float32 logits alive per chunk (x4 bytes). 2**23 = 32 MB: big enough that each
+# chunk is one efficient matrix product, small enough to stay far below the naive N x V.
+CHUNK_ELEMENTS = 2 ** 23
+
+
+def _rows_per_chunk(n: int, v: int, chunk_rows: Optional[int]) -> int:
+    if chunk_rows is not None:
+        return max(1, int(chunk_rows))
+    return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float]):
+    """fp32 logits of a chunk; returns (z, z_before_cap or None)."""
+    if h.dtype == torch.float32:
+        z = h @ weight.t()
+    else:
+        z = (h @ weight.t()).float()
+    if bias is not None:
+        z += bias.float()
+    if softcap is None:
+        return z
+    return torch.tanh(z / softcap).mul_(softcap)
+
+
+def _local(ids: Tensor, vocab_start: int, v: int):
+    """Map global ids to this shard: (local index clamped into range, mask of ids in the shard)."""
+    local = ids - vocab_start
+    inside = (ids >= 0) & (local >= 0) & (local < v)
+    return local.clamp(0, v - 1), inside
+
+
+def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_start: int) -> ShardStats:
+    v = z.shape[1]
+    best, arg = z.max(dim=1)
+    lse = best + torch.log(torch.exp(z - best[:, None]).sum(dim=1))
+    t_local, t_in = _local(targets, vocab_start, v)
+    target_logit = torch.where(t_in, z.gather(1, t_local[:, None]).squeeze(1), torch.zeros_like(lse))
+    if set_ids.shape[1] > 0:
+        s_local, s_in = _local(set_ids, vocab_start, v)
+        zs = z.gather(1, s_local).masked_fill(~s_in, float("-inf"))
+        set_lse = torch.logsumexp(zs, dim=1)
+    else:
+        set_lse = torch.full_like(lse, float("-inf"))
+    if soft_ids is not None and soft_ids.shape[1] > 0:
+        k_local, k_in = _local(soft_ids, vocab_start, v)
+        soft_dot = (z.gather(1, k_local) * soft_weights).masked_fill(~k_in, 0.0).sum(dim=1)
+    else:
+        soft_dot = torch.zeros_like(lse)
+    return ShardStats(best, arg + vocab_start, lse, target_logit, set_lse, soft_dot)
+
+
+def _chunk_dlogits(z, targets, set_ids, soft_ids, soft_weights, vocab_start, softcap,
+                   lse, set_lse, coef_dense, coef_target, coef_set) -> Tensor:
+    """dL/dz_raw for one chunk (a new [rows, V] float32 tensor); z holds the (capped) logits."""
+    v = z.shape[1]
+    dz = torch.exp(z - lse[:, None]).mul_(coef_dense[:, None])
+    t_local, t_in = _local(targets, vocab_start, v)
+    dz.scatter_add_(1, t_local[:, None], (-coef_target * t_in)[:, None])
+    if soft_ids is not None:
+        if soft_ids.shape[1] > 0:
+            k_local, k_in = _local(soft_ids, vocab_start, v)
+            dz.scatter_add_(1, k_local, -(coef_set[:, None] * soft_weights).masked_fill(~k_in, 0.0))
+    elif set_ids.shape[1] > 0:
+        s_local, s_in = _local(set_ids, vocab_start, v)
+        safe_set = torch.where(torch.isfinite(set_lse), set_lse, torch.zeros_like(set_lse))
+        q = torch.exp(z.gather(1, s_local) - safe_set[:, None]).masked_fill(~s_in, 0.0)
+        # set ids are unique per row, so a scatter_add adds each q exactly once
+        dz.scatter_add_(1, s_local, -coef_set[:, None] * q)
+    if softcap is not None:
+        dz.mul_(1.0 - (z / softcap) ** 2)
+    return dz
+
+
+def torch_partial_stats(hidden, weight, bias, targets, set_ids, soft_ids, soft_weights, *,
+                        vocab_start: int = 0, softcap: Optional[float] = None,
+                        chunk_rows: Optional[int] = None) -> ShardStats:
+    """Step 1 of docs/internals.md over this shard's ids, one chunk of logits at a time."""
+    n, v = hidden.shape[0], weight.shape[0]
+    step = _rows_per_chunk(n, v, chunk_rows)
+    parts = []
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        z = _logits(hidden[lo:hi], weight, bias, softcap)
+        parts.append(_chunk_stats(z, targets[lo:hi], set_ids[lo:hi],
+                                  None if soft_ids is None else soft_ids[lo:hi],
+                                  None if soft_weights is None else soft_weights[lo:hi], vocab_start))
+    if len(parts) == 1:
+        return parts[0]
+    return ShardStats(*(torch.cat(field) for field in zip(*parts)))
+
+
+def _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias):
+    if d_hidden is not None:
+        w = weight if weight.dtype == torch.float32 else weight.float()
+        torch.mm(dz, w, out=d_hidden[lo:hi])
+    if d_weight is not None:
+        d_weight.addmm_(dz.t(), h_c if h_c.dtype == torch.float32 else h_c.float())
+    if d_bias is not None:
+        d_bias += dz.sum(dim=0)
+
+
+def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    return (
+        torch.empty(n, d, dtype=torch.float32, device=dev) if need_hidden else None,
+        torch.zeros(v, d, dtype=torch.float32, device=dev) if need_weight else None,
+        torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None,
+    )
+
+
+def torch_shard_grads(hidden, weight, bias, targets, set_ids, soft_ids, soft_weights, *,
+                      vocab_start: int = 0, softcap: Optional[float] = None, lse, set_lse,
+                      coef_dense, coef_target, coef_set, need_hidden=True, need_weight=True,
+                      need_bias=True, chunk_rows: Optional[int] = None):
+    """Step 3 of docs/internals.md: recompute each chunk's logits and accumulate the gradients."""
+    n, v = hidden.shape[0], weight.shape[0]
+    need_bias = need_bias and bias is not None
+    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    step = _rows_per_chunk(n, v, chunk_rows)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        h_c = hidden[lo:hi]
+        z = _logits(h_c, weight, bias, softcap)
+        dz = _chunk_dlogits(z, targets[lo:hi], set_ids[lo:hi],
+                            None if soft_ids is None else soft_ids[lo:hi],
+                            None if soft_weights is None else soft_weights[lo:hi], vocab_start, softcap,
+                            lse[lo:hi], set_lse[lo:hi], coef_dense[lo:hi], coef_target[lo:hi], coef_set[lo:hi])
+        del z
+        _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias)
+    return d_hidden, d_weight, d_bias
+
+
+def torch_stats_and_grads(canon, *, softcap, margin, z_loss, row_scale: Tensor,
+                          need_hidden, need_weight, need_bias, chunk_rows: Optional[int] = None):
+    """One sweep for a single device holding the whole vocabulary: statistics of every row plus the
+    gradient of sum_i row_scale_i * loss_i (row_scale: 1 for "sum", 1/N_valid for "mean")."""
+    hidden, weight, bias = canon.hidden, canon.weight, canon.bias
+    n, v = hidden.shape[0], weight.shape[0]
+    need_bias = need_bias and bias is not None
+    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    step = _rows_per_chunk(n, v, chunk_rows)
+    parts = []
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        rows = slice(lo, hi)
+        h_c = hidden[rows]
+        soft_ids = None if canon.soft_ids is None else canon.soft_ids[rows]
+        soft_w = None if canon.soft_weights is None else canon.soft_weights[rows]
+        z = _logits(h_c, weight, bias, softcap)
+        st = _chunk_stats(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0)
+        parts.append(st)
+        terms = row_terms(st, valid=canon.valid[rows], has_set=canon.has_set[rows], alpha=canon.alpha[rows],
+                          beta=canon.beta[rows], margin=margin, z_loss=z_loss, soft=canon.soft)
+        coefs = grad_coefficients(row_scale[rows], lse=st.lse, hinge=terms.hinge, valid=canon.valid[rows],
+                                  has_set=canon.has_set[rows], alpha=canon.alpha[rows], beta=canon.beta[rows],
+                                  z_loss=z_loss)
+        dz = _chunk_dlogits(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0, softcap,
+                            st.lse, st.set_lse, *coefs)
+        del z
+        _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias)
+        del dz
+    stats = parts[0] if len(parts) == 1 else ShardStats(*(torch.cat(f) for f in zip(*parts)))
+    return stats, (d_hidden, d_weight, d_bias)
