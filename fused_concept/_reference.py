@@ -10,13 +10,15 @@ from ._rowmath import ShardStats, row_terms
 
 
 def reference_rows(canon: Canonical, *, softcap, margin, z_loss):
-    z = canon.hidden.float() @ canon.weight.float().t()
+    acc = torch.float64 if canon.hidden.dtype == torch.float64 else torch.float32
+    z = canon.hidden.to(acc) @ canon.weight.to(acc).t()
     if canon.bias is not None:
-        z = z + canon.bias.float()
+        z = z + canon.bias.to(acc)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     best, arg = z.detach().max(dim=1)
-    lse = torch.logsumexp(z, dim=1)
+    # written out (not torch.logsumexp) so that +inf logits give NaN, as torch's cross_entropy does
+    lse = best + torch.log(torch.exp(z - best[:, None]).sum(dim=1))
     target_logit = z.gather(1, canon.targets.clamp(min=0)[:, None]).squeeze(1)
     target_logit = torch.where(canon.valid, target_logit, torch.zeros_like(lse))
 

@@ -25,6 +25,10 @@ from ._rowmath import ShardStats, grad_coefficients, row_terms
 CHUNK_ELEMENTS = 2 ** 23
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _rows_per_chunk(n: int, v: int, chunk_rows: Optional[int]) -> int:
     if chunk_rows is not None:
         return max(1, int(chunk_rows))
@@ -32,13 +36,11 @@ def _rows_per_chunk(n: int, v: int, chunk_rows: Optional[int]) -> int:
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float]):
-    """fp32 logits of a chunk; returns (z, z_before_cap or None)."""
-    if h.dtype == torch.float32:
-        z = h @ weight.t()
-    else:
-        z = (h @ weight.t()).float()
+    """Logits of a chunk in the accumulation dtype (float32, or float64 for float64 inputs), capped."""
+    acc = _acc_dtype(h)
+    z = (h @ weight.t()).to(acc)
     if bias is not None:
-        z += bias.float()
+        z += bias.to(acc)
     if softcap is None:
         return z
     return torch.tanh(z / softcap).mul_(softcap)
@@ -113,10 +115,9 @@ def torch_partial_stats(hidden, weight, bias, targets, set_ids, soft_ids, soft_w
 
 def _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias):
     if d_hidden is not None:
-        w = weight if weight.dtype == torch.float32 else weight.float()
-        torch.mm(dz, w, out=d_hidden[lo:hi])
+        torch.mm(dz, weight.to(dz.dtype), out=d_hidden[lo:hi])
     if d_weight is not None:
-        d_weight.addmm_(dz.t(), h_c if h_c.dtype == torch.float32 else h_c.float())
+        d_weight.addmm_(dz.t(), h_c.to(dz.dtype))
     if d_bias is not None:
         d_bias += dz.sum(dim=0)
 
@@ -124,11 +125,11 @@ def _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias):
 def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
     n, d = hidden.shape
     v = weight.shape[0]
-    dev = hidden.device
+    kw = dict(dtype=_acc_dtype(hidden), device=hidden.device)
     return (
-        torch.empty(n, d, dtype=torch.float32, device=dev) if need_hidden else None,
-        torch.zeros(v, d, dtype=torch.float32, device=dev) if need_weight else None,
-        torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None,
+        torch.empty(n, d, **kw) if need_hidden else None,
+        torch.zeros(v, d, **kw) if need_weight else None,
+        torch.zeros(v, **kw) if need_bias else None,
     )
 
 
