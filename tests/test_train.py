@@ -1,0 +1,213 @@
+"""The reference training loop on a tiny random-weight Llama with hand-made concept sets.
+
+Oracle: the same training written with explicit float64 logits and the paper's objective evaluated
+from the contract's formulas (no fused code), the same AdamW / schedule / clipping.
+"""
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fused_concept.__main__ import main
+from fused_concept._data import DataError, TokenData, default_corpus_text, load_text, split_train_heldout
+from fused_concept.train import TrainConfig, _lr_factor, _step_sequences, train
+
+VOCAB, SEQ = 96, 9
+
+
+def tiny_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def tiny_data(seed=1, num_train=12, num_heldout=4):
+    g = torch.Generator().manual_seed(seed)
+    n = num_train + num_heldout
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    concepts = torch.randint(0, VOCAB, (n, SEQ, 3), generator=g)
+    concepts[torch.rand(n, SEQ, 3, generator=g) < 0.4] = -1
+    concepts[:, ::4] = -1  # function words: no concept set
+    return TokenData(ids[:num_train], concepts[:num_train], ids[num_train:], concepts[num_train:])
+
+
+def small_config(tmp_path, **overrides):
+    options = dict(out_dir=str(tmp_path), steps=3, batch_size=4, micro_batch_size=2, lr=3e-2, warmup_steps=1,
+                   progress=False, plot=False, lam=0.5, margin=0.6, checkpoint_every=1)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def paper_objective_f64(logits, targets, concepts, lam, margin):
+    """The contract's objective from explicit float64 logits [N, V]; every row is valid here."""
+    lse = torch.logsumexp(logits, dim=1)
+    ce = lse - logits.gather(1, targets[:, None])[:, 0]
+    content = (concepts != -1).any(dim=1)
+    cl = []
+    for i in range(logits.shape[0]):
+        members = sorted({int(t) for t in concepts[i] if int(t) != -1} | {int(targets[i])})
+        set_lse = torch.logsumexp(logits[i, members], 0)
+        mass = float(torch.exp(set_lse - lse[i]).detach())
+        cl.append((lse[i] - set_lse) * float(mass < margin))
+    cl = torch.stack(cl)
+    n_valid, n_content = logits.shape[0], int(content.sum())
+    ntp = (ce[~content].sum() + (1 - lam) * ce[content].sum()) / n_valid
+    return ntp + lam * cl[content].sum() / max(n_content, 1)
+
+
+def test_three_steps_match_float64_explicit_logits_training(tmp_path):
+    config = small_config(tmp_path, lora=False, steps=3)
+    data = tiny_data()
+    model = tiny_model()
+    oracle = copy.deepcopy(model).double()
+    result = train(config, model=model, data=data)
+
+    # oracle: the same three steps, full fine-tuning, float64, explicit logits
+    params = [p for p in oracle.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    for step in range(3):
+        chosen = _step_sequences(step, config.batch_size, data.train_ids.shape[0], config.seed)
+        ids = data.train_ids[chosen]
+        logits = oracle(ids[:, :-1]).logits.reshape(-1, VOCAB)
+        loss = paper_objective_f64(logits, ids[:, 1:].reshape(-1), data.train_concepts[chosen, 1:].reshape(-1, 3),
+                                   config.lam, config.margin)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        assert result["history"][step]["loss"] == pytest.approx(float(loss.detach()), rel=2e-4), step
+    assert result["history"][0]["loss"] != pytest.approx(result["history"][2]["loss"], rel=1e-3)  # it trained
+    for trained, want in zip(model.parameters(), oracle.parameters()):
+        torch.testing.assert_close(trained.detach().double(), want.detach(), rtol=2e-3, atol=2e-4)
+
+    # outputs: metrics.json with both evaluations, checkpoints written atomically (no temp files left)
+    with open(tmp_path / "metrics.json") as handle:
+        saved = json.load(handle)
+    assert saved["before"]["valid_tokens"] == 4 * (SEQ - 1) and len(saved["history"]) == 3
+    assert [os.path.basename(p) for p in sorted(glob.glob(str(tmp_path / "checkpoints" / "*")))] == [
+        "step-000002.pt", "step-000003.pt"]
+    assert not glob.glob(str(tmp_path / "**" / "*.tmp-*"), recursive=True)
+
+
+def test_token_normalisation_independent_of_micro_batching(tmp_path):
+    data = tiny_data()
+    runs = [train(small_config(tmp_path / str(mb), micro_batch_size=mb, steps=2), model=tiny_model(), data=data)
+            for mb in (1, 4)]
+    for one, four in zip(runs[0]["history"], runs[1]["history"]):
+        for key in ("loss", "ce", "mass"):
+            assert one[key] == pytest.approx(four[key], rel=1e-5), key
+    assert runs[0]["after"]["ppl"] == pytest.approx(runs[1]["after"]["ppl"], rel=1e-5)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    data = tiny_data()
+    config = small_config(tmp_path, lora=True, lr=5e-2, plot=True)
+    whole = train(config, model=tiny_model(), data=data)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    # "interrupt" after step 2: drop the last checkpoint, then resume with a freshly loaded model
+    os.remove(tmp_path / "checkpoints" / "step-000003.pt")
+    resumed_model = tiny_model()
+    resumed = train(TrainConfig(**{**config.__dict__, "resume": True}), model=resumed_model, data=data)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    assert resumed["after"] == whole["after"]
+    assert resumed["history"][0]["loss"] != resumed["history"][2]["loss"]
+    # a resume with other trajectory settings is refused, naming them
+    with pytest.raises(ValueError, match="lam"):
+        train(TrainConfig(**{**config.__dict__, "resume": True, "lam": 0.0}), model=tiny_model(), data=data)
+
+
+_TORCHRUN_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_train import tiny_model, tiny_data, small_config
+from fused_concept.train import train
+dist.init_process_group("gloo")
+out = {{}}
+for name, extra in (("ddp", {{}}), ("vocab_parallel", {{"vocab_parallel": True}})):
+    config = small_config({out!r} + "/" + name, micro_batch_size=1, lora=False, **extra)
+    out[name] = train(config, model=tiny_model(), data=tiny_data())["history"]
+if dist.get_rank() == 0:
+    with open({out!r} + "/histories.json", "w") as handle:
+        json.dump(out, handle)
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_match_one_process(tmp_path):
+    single = train(small_config(tmp_path / "single", lora=False), model=tiny_model(), data=tiny_data())["history"]
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    histories = json.loads((tmp_path / "histories.json").read_text())
+    for name in ("ddp", "vocab_parallel"):
+        for one, two in zip(single, histories[name]):
+            for key in ("loss", "ce", "mass"):
+                assert two[key] == pytest.approx(one[key], rel=1e-5), (name, key, one["step"])
+    # only rank 0 wrote outputs; both runs wrote them
+    assert (tmp_path / "ddp" / "metrics.json").exists() and (tmp_path / "vocab_parallel" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- data and CLI errors
+
+
+def test_cli_bad_data_path_gives_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(missing), "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "file not found" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("dir", None, "is a directory"),
+    ("notes.csv", "a,b\n", "unsupported file type"),
+    ("empty.txt", "  \n", "contains no text"),
+    ("broken.jsonl", '{"text": "fine"}\n{oops\n', "line 2 is not valid JSON"),
+    ("notext.jsonl", '{"body": "x"}\n', 'line 1 has no string "text" field'),
+])
+def test_bad_data_files_name_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_text(str(path))
+
+
+def test_text_and_jsonl_files_are_read(tmp_path):
+    (tmp_path / "a.txt").write_text("Plain text here.")
+    (tmp_path / "b.jsonl").write_text('{"text": "first line"}\n\n{"text": "second"}\n')
+    assert load_text(str(tmp_path / "a.txt")) == "Plain text here."
+    assert load_text(str(tmp_path / "b.jsonl")) == "first line\nsecond"
+
+
+def test_default_corpus_is_english_prose_and_deterministic():
+    text = default_corpus_text()
+    assert text == default_corpus_text()
+    assert len(text) > 100_000
+    lines = text.split("\n")
+    assert all(len(line.split()) >= 12 and not line.startswith(" ") for line in lines)
+    assert text.count(" the ") > 2000
+
+
+def test_too_short_corpus_names_the_sizes():
+    with pytest.raises(DataError, match="fewer than the 8 training"):
+        split_train_heldout(torch.zeros(5, 4, dtype=torch.long), 8, 2, source="tiny.txt")
