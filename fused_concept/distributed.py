@@ -1,0 +1,368 @@
+"""Vocab-parallel concept loss: the LM head split by vocabulary rows over a torch.distributed group.
+
+Rank r of the group holds the contiguous block of head rows (and bias entries) that follows the
+blocks of ranks 0..r-1; blocks may have any sizes (they are exchanged at every call, never
+assumed). `hidden`, `targets`, `concepts` (and every per-row option) are replicated: the same on
+every rank, with GLOBAL token ids. The result is the single-device `concept_loss` on the whole head.
+
+How one call runs (the three steps of docs/internals.md, with two merges in between):
+
+  0. layout: one all_gather of a few integers per rank (shard size, D, N, K, bias length, dtype),
+     so every rank knows `vocab_start` (sum of the sizes of lower ranks) and the global vocabulary
+     size V, against which the ids are validated; a rank-specific mismatch raises on EVERY rank.
+  1. each rank computes its shard statistics with the single-device code path
+     (`torch_partial_stats` / `triton_partial_stats` with `vocab_start`). Ids that lie in another
+     rank's block are masked by that path: they contribute nothing here and never index a column.
+  2. merge, two all-reduces of packed [N] vectors:
+       MAX (int64): key_i = order(max_i) * 2**32 + (2**32 - 1 - argmax_i), and order(set_lse_i)
+                    `order` maps a float32 to an int32 with the same ordering, so the winning key
+                    carries the global max exactly AND the lowest global id among the ranks that
+                    hold it (ties break towards the lower id, as on one device).
+       SUM (fp32):  exp(lse_r - max), exp(set_lse_r - set_max) (0 for -inf), target_logit, soft_dot
+                    then lse = max + log(sum), set_lse = set_max + log(sum) (-inf stays -inf, no NaN).
+     `_rowmath.row_terms` turns the merged statistics into the row losses, identical on every rank.
+  3. backward (`torch.autograd.Function`): `*_shard_grads` with the GLOBAL lse / set_lse gives this
+     shard's d_weight / d_bias (kept local) and a partial d_hidden that is all-reduced (SUM, fp32),
+     so every rank ends with the same full d_hidden.
+
+Bytes all-reduced per call (N rows, D hidden size; independent of V, K and the world size):
+  forward 16*N (+8*N when there are concept sets) + 4*N per SUM field (2 to 4 fields),
+  backward 4*N*D when hidden needs a gradient. `communication_bytes` states it exactly.
+
+Every rank must make the same calls in the same order (forward, and backward when hidden requires a
+gradient on every rank); `hidden.requires_grad` must agree across ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._inputs import Canonical, prepare
+from ._rowmath import ShardStats, grad_coefficients, reduce_rows, row_terms
+
+__all__ = [
+    "vocab_parallel_concept_loss",
+    "vocab_parallel_concept_objective",
+    "shard_layout",
+    "communication_bytes",
+]
+
+_TWO32 = 1 << 32
+_LOW32 = _TWO32 - 1
+_FLIP = 0x7FFFFFFF
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+
+
+class ShardLayout(NamedTuple):
+    """Where this rank's block of the head sits in the global vocabulary."""
+
+    rank: int  # rank within the group
+    sizes: tuple  # rows held by each rank of the group, in rank order
+    vocab_start: int  # first global id of this rank's block
+    vocab_size: int  # V = sum(sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# step 0: the layout exchange
+# ----------------------------------------------------------------------------------------------
+
+def _group_rank(group) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_concept_loss needs an initialised torch.distributed process group")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process group passed as `group`")
+    return rank
+
+
+def _describe(hidden: Tensor, weight: Tensor, bias, targets, concepts) -> list:
+    """The integers each rank publishes: [shard rows, D, rows of hidden, K, bias length, dtype]."""
+    rows = 1
+    for s in hidden.shape[:-1]:
+        rows *= s
+    return [
+        weight.shape[0] if weight.dim() == 2 else -1,
+        weight.shape[1] if weight.dim() == 2 else -1,
+        rows if hidden.dim() >= 2 else -1,
+        concepts.shape[-1] if isinstance(concepts, Tensor) and concepts.dim() > 0 else -1,
+        bias.shape[0] if isinstance(bias, Tensor) and bias.dim() == 1 else (-1 if bias is None else -2),
+        _DTYPE_CODES.get(weight.dtype, 0),
+    ]
+
+
+def _check_table(table: list, rank: int) -> None:
+    """Raise the same error on every rank when the published descriptions disagree."""
+    names = ("weight_shard rows", "weight_shard's hidden size D", "rows of hidden", "concepts' K",
+             "bias length", "weight dtype")
+    for r, row in enumerate(table):
+        if row[0] < 0:
+            raise ValueError(f"weight_shard on rank {r} of the group must be 2-D [V_shard, D]")
+    for col in (1, 2, 3, 5):
+        values = [row[col] for row in table]
+        if len(set(values)) > 1:
+            raise ValueError(f"{names[col]} differs across the ranks of the group: {values} "
+                             f"(hidden, targets and concepts must be replicated, the head split by rows)")
+    for r, row in enumerate(table):
+        if row[4] == -1 and any(other[4] != -1 for other in table):
+            raise ValueError(f"bias is None on rank {r} but given on other ranks of the group")
+        if row[4] not in (-1, row[0]):
+            raise ValueError(f"bias on rank {r} must be [{row[0]}] to match its weight_shard, "
+                             f"got length {row[4]}")
+
+
+def _exchange(hidden, weight, bias, targets, concepts, group) -> ShardLayout:
+    rank = _group_rank(group)
+    world = dist.get_world_size(group)
+    mine = torch.tensor(_describe(hidden, weight, bias, targets, concepts), dtype=torch.int64,
+                        device=hidden.device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    table = [t.tolist() for t in every]
+    _check_table(table, rank)
+    sizes = tuple(row[0] for row in table)
+    return ShardLayout(rank=rank, sizes=sizes, vocab_start=sum(sizes[:rank]), vocab_size=sum(sizes))
+
+
+def shard_layout(weight_shard: Tensor, *, group=None) -> ShardLayout:
+    """Exchange the shard sizes over `group` (a collective: call it on every rank) and return this
+    rank's `ShardLayout` (rank, sizes, vocab_start, vocab_size)."""
+    return _exchange(weight_shard.new_zeros(1, weight_shard.shape[-1]), weight_shard, None, None, None, group)
+
+
+# ----------------------------------------------------------------------------------------------
+# step 2: merging shard statistics across ranks
+# ----------------------------------------------------------------------------------------------
+
+def _order_key(x: Tensor) -> Tensor:
+    """float32 -> int64 holding an int32 whose integer order is the float order (-0.0 taken as +0.0)."""
+    bits = (x.float() + 0.0).view(torch.int32)
+    return torch.where(bits >= 0, bits, bits ^ _FLIP).long()
+
+
+def _from_key(key: Tensor) -> Tensor:
+    """Inverse of `_order_key` (the map is an involution on the int32 bits)."""
+    k32 = key.to(torch.int32)
+    return torch.where(k32 >= 0, k32, k32 ^ _FLIP).view(torch.float32)
+
+
+def _log_sum_shifted(shift: Tensor, parts: Tensor) -> Tensor:
+    return shift + torch.log(parts)
+
+
+def merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: bool) -> ShardStats:
+    """Turn each rank's shard statistics into those of the whole vocabulary (same on every rank):
+    one MAX all-reduce (packed int64 keys) and one SUM all-reduce (packed float32)."""
+    n = stats.max.shape[0]
+    max_key = _order_key(stats.max) * _TWO32 + (_LOW32 - stats.argmax)
+    packed = [max_key]
+    if with_set:
+        packed.append(_order_key(stats.set_lse))
+    keys = torch.cat(packed)
+    dist.all_reduce(keys, op=dist.ReduceOp.MAX, group=group)
+    top_key = keys[:n]
+    gmax = _from_key(torch.div(top_key, _TWO32, rounding_mode="floor"))
+    argmax = _LOW32 - torch.remainder(top_key, _TWO32)
+
+    # shift by the global maxima; only an all -inf row (set: no set id anywhere) needs a finite shift
+    shift = torch.where(gmax == float("-inf"), torch.zeros_like(gmax), gmax)
+    sums = [torch.exp(stats.lse.float() - shift)]
+    if with_set:
+        gset = _from_key(keys[n:])
+        set_shift = torch.where(gset == float("-inf"), torch.zeros_like(gset), gset)
+        set_part = torch.exp(stats.set_lse.float() - set_shift)
+        sums.append(torch.where(stats.set_lse == float("-inf"), torch.zeros_like(set_part), set_part))
+    sums.append(stats.target_logit.float())
+    if with_soft:
+        sums.append(stats.soft_dot.float())
+    total = torch.cat(sums)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    fields = iter(total.split(n))
+    lse = _log_sum_shifted(shift, next(fields))
+    set_lse = _log_sum_shifted(set_shift, next(fields)) if with_set else torch.full_like(lse, float("-inf"))
+    target_logit = next(fields)
+    soft_dot = next(fields) if with_soft else torch.zeros_like(lse)
+    return ShardStats(max=gmax, argmax=argmax, lse=lse, target_logit=target_logit, set_lse=set_lse,
+                      soft_dot=soft_dot)
+
+
+def communication_bytes(n: int, d: int, *, has_sets: bool = True, soft: bool = False,
+                        hidden_grad: bool = True) -> dict:
+    """Bytes all-reduced by one forward (+ backward) of `vocab_parallel_concept_loss`, per rank's
+    buffer (what each all-reduce call is given; a ring all-reduce moves about twice that over the
+    wire per rank). Independent of V, K and the world size. `has_sets`: concepts with K > 0."""
+    max_bytes = 8 * n * (2 if has_sets else 1)
+    sum_bytes = 4 * n * (2 + int(has_sets) + int(soft))
+    backward = 4 * n * d if hidden_grad else 0
+    return {"forward_max": max_bytes, "forward_sum": sum_bytes, "backward_hidden": backward,
+            "total": max_bytes + sum_bytes + backward}
+
+
+# ----------------------------------------------------------------------------------------------
+# steps 1 and 3 on this rank's block, wired to autograd
+# ----------------------------------------------------------------------------------------------
+
+def _path(impl: str, device: torch.device):
+    """(partial_stats, shard_grads) of the single-device implementation `impl` resolves to."""
+    from .loss import _backend, _resolve_impl
+
+    which = _resolve_impl(impl, device)
+    if which == "reference":
+        raise ValueError('impl="reference" materialises the whole head on one device; '
+                         'vocab_parallel_concept_loss supports "auto", "torch" and "triton"')
+    if which == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)')
+    return tuple(_backend(which))
+
+
+def _empty_shard_stats(n: int, device) -> ShardStats:
+    """Statistics of a block with no rows: it holds no logit, no target, no set id."""
+    neg = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    zero = torch.zeros(n, dtype=torch.float32, device=device)
+    return ShardStats(max=neg, argmax=torch.zeros(n, dtype=torch.int64, device=device), lse=neg.clone(),
+                      target_logit=zero, set_lse=neg.clone(), soft_dot=zero.clone())
+
+
+class _VocabParallelRows(torch.autograd.Function):
+    """Row losses of the sharded head; differentiable in hidden, weight_shard and bias_shard."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, canon: Canonical, layout: ShardLayout, group, options: dict):
+        partial_stats, shard_grads = options["path"]
+        n = hidden.shape[0]
+        ids = (canon.targets, canon.set_ids, canon.soft_ids, canon.soft_weights)
+        if weight.shape[0] > 0:
+            local = partial_stats(hidden, weight, bias, *ids, vocab_start=layout.vocab_start,
+                                  softcap=options["softcap"])
+        else:
+            local = _empty_shard_stats(n, hidden.device)
+        merged = merge_across_ranks(local, group, with_set=canon.set_ids.shape[1] > 0, with_soft=canon.soft)
+        terms = row_terms(merged, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha,
+                          beta=canon.beta, margin=options["margin"], z_loss=options["z_loss"], soft=canon.soft)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.canon, ctx.layout, ctx.group, ctx.options = canon, layout, group, options
+        ctx.global_lse, ctx.global_set_lse, ctx.hinge = merged.lse, merged.set_lse, terms.hinge
+        ce, mass, lse, argmax = terms.ce, terms.mass, merged.lse, merged.argmax
+        ctx.mark_non_differentiable(ce, mass, lse, argmax)
+        return terms.loss, ce, mass, lse, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        hidden, weight, bias = ctx.saved_tensors
+        canon, options = ctx.canon, ctx.options
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
+        if not (need_hidden or need_weight or need_bias):
+            return (None,) * 7
+        coef_dense, coef_target, coef_set = grad_coefficients(
+            grad_loss.float(), lse=ctx.global_lse, hinge=ctx.hinge, valid=canon.valid, has_set=canon.has_set,
+            alpha=canon.alpha, beta=canon.beta, z_loss=options["z_loss"])
+        d_hidden = d_weight = d_bias = None
+        if weight.shape[0] > 0:
+            _, shard_grads = options["path"]
+            d_hidden, d_weight, d_bias = shard_grads(
+                hidden, weight, bias, canon.targets, canon.set_ids, canon.soft_ids, canon.soft_weights,
+                vocab_start=ctx.layout.vocab_start, softcap=options["softcap"], lse=ctx.global_lse,
+                set_lse=ctx.global_set_lse, coef_dense=coef_dense, coef_target=coef_target,
+                coef_set=coef_set, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        else:
+            d_weight = torch.zeros_like(weight) if need_weight else None
+            d_bias = torch.zeros_like(bias) if need_bias else None
+        if need_hidden:
+            if d_hidden is None:
+                d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            d_hidden = d_hidden.float().contiguous()
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
+            d_hidden = d_hidden.to(hidden.dtype)
+        else:
+            d_hidden = None
+        if d_weight is not None:
+            d_weight = d_weight.to(weight.dtype)
+        if d_bias is not None:
+            d_bias = d_bias.to(bias.dtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+def vocab_parallel_concept_loss(hidden: Tensor, weight_shard: Tensor, targets: Tensor,
+                                concepts: Optional[Tensor] = None, *, group=None,
+                                bias: Optional[Tensor] = None, ntp_weight=1.0, concept_weight=1.0,
+                                margin: Optional[float] = None, mode: str = "marginal",
+                                concept_probs: Optional[Tensor] = None, include_target: bool = True,
+                                ignore_index: int = -100, reduction: str = "mean",
+                                softcap: Optional[float] = None, z_loss: float = 0.0, impl: str = "auto",
+                                return_stats: bool = False):
+    """`fused_concept.concept_loss` with the head split by vocabulary rows over `group`.
+
+    `weight_shard` [V_r, D] (and `bias` [V_r], this rank's slice of the bias) holds global ids
+    `vocab_start .. vocab_start + V_r - 1`, where vocab_start is the sum of the block sizes of the
+    lower ranks of `group` (None: the default group). Everything else is replicated and uses global
+    ids; ids are validated against V = sum of the block sizes. Options and statistics are those of
+    `concept_loss`; the loss and the statistics (global lse, ce, mass, argmax) are the same on every
+    rank. Backward: d_hidden is all-reduced (the same on every rank), d_weight_shard / d_bias stay local.
+    """
+    from .loss import ConceptStats
+
+    layout = _exchange(hidden, weight_shard, bias, targets, concepts, group)
+    path = _path(impl, hidden.device)
+    if weight_shard.shape[0] == 0:
+        # prepare() validates the replicated inputs against the global V; give it a one-row stand-in
+        stand_in_bias = None if bias is None else bias.new_zeros(1)
+        canon = prepare(hidden, weight_shard.new_zeros(1, weight_shard.shape[1]), targets, concepts,
+                        bias=stand_in_bias, ntp_weight=ntp_weight, concept_weight=concept_weight,
+                        margin=margin, mode=mode, concept_probs=concept_probs, include_target=include_target,
+                        ignore_index=ignore_index, reduction=reduction, softcap=softcap, z_loss=z_loss,
+                        vocab_size=layout.vocab_size)
+        canon = dataclasses.replace(canon, weight=weight_shard, bias=bias)
+    else:
+        canon = prepare(hidden, weight_shard, targets, concepts, bias=bias, ntp_weight=ntp_weight,
+                        concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
+                        include_target=include_target, ignore_index=ignore_index, reduction=reduction,
+                        softcap=softcap, z_loss=z_loss, vocab_size=layout.vocab_size)
+    options = {"path": path, "softcap": None if softcap is None else float(softcap),
+               "margin": None if margin is None else float(margin), "z_loss": float(z_loss)}
+    rows, ce, mass, lse, argmax = _VocabParallelRows.apply(canon.hidden, canon.weight, canon.bias, canon,
+                                                           layout, group, options)
+    loss = reduce_rows(rows, canon.valid, reduction)
+    shape = canon.lead_shape
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    if not return_stats:
+        return loss
+    return loss, ConceptStats(lse=lse.reshape(shape), ce=ce.reshape(shape), mass=mass.reshape(shape),
+                              argmax=argmax.reshape(shape))
+
+
+def vocab_parallel_concept_objective(hidden: Tensor, weight_shard: Tensor, targets: Tensor, concepts: Tensor,
+                                     *, group=None, lam: float = 0.5, margin: Optional[float] = 0.6,
+                                     ignore_index: int = -100, impl: str = "auto",
+                                     num_valid: Optional[int] = None, num_content: Optional[int] = None,
+                                     return_stats: bool = False, **options):
+    """`fused_concept.concept_objective` (the paper's objective, contract section "The paper's
+    objective") with the head split over `group`: the per-row weights of
+    `_objective.paper_weights` and reduction "sum". `num_valid` / `num_content` override the local
+    counts N_v and |T| (pass global counts when the batch itself is split across data-parallel ranks)."""
+    from ._objective import paper_weights
+
+    for key in ("ntp_weight", "concept_weight", "reduction", "include_target", "mode"):
+        if key in options:
+            raise TypeError(f"vocab_parallel_concept_objective fixes {key}; call vocab_parallel_concept_loss to set it")
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if concepts is None:
+        raise ValueError("vocab_parallel_concept_objective needs concepts; use vocab_parallel_concept_loss "
+                         "for plain cross-entropy")
+    ntp_w, concept_w = paper_weights(targets, concepts, lam, ignore_index, num_valid=num_valid,
+                                     num_content=num_content)
+    return vocab_parallel_concept_loss(hidden, weight_shard, targets, concepts, group=group,
+                                       ntp_weight=ntp_w.reshape(targets.shape),
+                                       concept_weight=concept_w.reshape(targets.shape), margin=margin,
+                                       ignore_index=ignore_index, reduction="sum", include_target=True, impl=impl,
+                                       return_stats=return_stats, **options)
