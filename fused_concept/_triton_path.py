@@ -1,0 +1,258 @@
+"""The Triton path: steps 1 and 3 of docs/internals.md on fused kernels; [N, V] logits never exist.
+
+Forward (`triton_partial_stats`):
+  * `_dense_stats_kernel` sweeps the vocabulary in `tl.dot` tiles of h W^T (+ b, softcap) and keeps an
+    online max / arg-max / sum of exp per row. When there are too few row tiles to fill the GPU the
+    vocabulary is split into slices, one program per (row tile, slice); each writes its own slot of a
+    [slices, N] buffer and the slices are merged here, in id order (no atomics, deterministic).
+  * `_sparse_logits_kernel` is the indexed dot at the K+1 ids of each row (target, concept set, soft
+    ids) and reduces them to target_logit, set_lse (online log-sum-exp) and soft_dot.
+
+Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms:
+  * `_dense_grad_kernel` recomputes the logits tile by tile and adds coef_dense * softmax to dH, dW, db.
+    deterministic=True (default): one launch where each program owns row tiles of dH and sweeps the
+    vocabulary, and (only when dW or db is needed) one launch where each program owns vocabulary tiles
+    of dW/db and sweeps the rows; no atomics, bitwise-reproducible, the logits are recomputed twice
+    when dW is needed (8 N D V flops instead of 6). deterministic=False: one launch over (row tile,
+    vocab tile) pairs adding with float32 atomics (6 N D V flops, order of additions not fixed).
+  * the sparse terms (target and concept ids) are formed from their recomputed logits as one signed
+    coefficient per (row, id), then `_sparse_grad_hidden_kernel` adds them into dH rows and
+    `_sparse_grad_weight_kernel` into dW/db rows, the pairs sorted by id so no two programs touch one row.
+  * frozen heads (need_weight=False, no bias grad) launch nothing for dW / db.
+  * filter_eps > 0 drops dense tiles whose every |coef * softmax| is below filter_eps (off by default).
+
+All accumulation is float32; gradients are returned in float32 (the caller casts).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from fused_concept.kernels import configs
+from fused_concept.kernels.dense_grad import _dense_grad_kernel
+from fused_concept.kernels.dense_stats import _dense_stats_kernel
+from fused_concept.kernels.sparse_grad_hidden import _sparse_grad_hidden_kernel
+from fused_concept.kernels.sparse_grad_weight import _sparse_grad_weight_kernel
+from fused_concept.kernels.sparse_logits import _sparse_logits_kernel
+
+from ._rowmath import ShardStats
+
+# Programs wanted in flight per streaming multiprocessor before the forward splits the vocabulary.
+_PROGRAMS_PER_SM = 2
+
+
+def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] must share D, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    configs.dtype_class(hidden.dtype)  # raises TypeError for unsupported dtypes
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if hidden.device.type != "cuda" and not configs.interpreting():
+        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+
+
+def _softcap_arg(softcap: Optional[float]) -> float:
+    if softcap is None:
+        return 0.0
+    if not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    return float(softcap)
+
+
+def _id_table(targets: Tensor, set_ids: Tensor, soft_ids: Optional[Tensor]) -> Tensor:
+    """[N, J] int64: column 0 the target, then the set ids, then the soft ids (global ids, -1 pads)."""
+    parts = [targets.reshape(-1, 1).to(torch.int64), set_ids.to(torch.int64)]
+    if soft_ids is not None:
+        parts.append(soft_ids.to(torch.int64))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def _vocab_splits(n_rows: int, v: int, block_m: int, block_n: int, device: torch.device) -> int:
+    if configs.interpreting() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_tiles = triton.cdiv(n_rows, block_m)
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, row_tiles)
+    return max(1, min(want, triton.cdiv(v, block_n)))
+
+
+def _sparse_logits(hidden, weight, bias, ids, soft_weights, n_set, *, vocab_start, softcap, reduce, store_z):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    j = ids.shape[1]
+    dev = hidden.device
+    target = torch.zeros(n, dtype=torch.float32, device=dev)
+    set_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+    soft_dot = torch.zeros(n, dtype=torch.float32, device=dev)
+    z = torch.zeros((n, j), dtype=torch.float32, device=dev) if store_z else target
+    has_soft = soft_weights is not None
+    sw = soft_weights.to(torch.float32).contiguous() if has_soft else target
+    cfg = configs.choose("sparse_logits", hidden.dtype)
+    if n > 0 and j > 0:
+        grid = (triton.cdiv(n, cfg.blocks["BLOCK_R"]),)
+        _sparse_logits_kernel[grid](
+            hidden, weight, bias, ids, sw, z, target, set_lse, soft_dot,
+            n, v, d, j, n_set, vocab_start, softcap,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            0 if bias is None else bias.stride(0),
+            HAS_SOFT=has_soft, REDUCE=reduce, STORE_Z=store_z,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
+    return z, target, set_lse, soft_dot
+
+
+def triton_partial_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, set_ids: Tensor,
+                         soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], *, vocab_start: int = 0,
+                         softcap: Optional[float] = None, vocab_splits: Optional[int] = None) -> ShardStats:
+    """Statistics of this vocabulary shard (global ids vocab_start .. vocab_start + V - 1) per row.
+
+    vocab_splits forces the number of vocabulary slices of the dense sweep (default: enough to keep
+    every multiprocessor busy when N is small; 1 under the interpreter)."""
+    _check(hidden, weight, bias)
+    cap = _softcap_arg(softcap)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    if v == 0:
+        raise ValueError("weight has no rows (empty vocabulary shard)")
+    cfg = configs.choose("dense_stats", hidden.dtype)
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    splits = vocab_splits if vocab_splits is not None else _vocab_splits(n, v, bm, bn, dev)
+    chunk = triton.cdiv(triton.cdiv(v, max(1, int(splits))), bn) * bn
+    splits = triton.cdiv(v, chunk)
+    part_max = torch.empty((splits, n), dtype=torch.float32, device=dev)
+    part_sum = torch.empty((splits, n), dtype=torch.float32, device=dev)
+    part_arg = torch.empty((splits, n), dtype=torch.int64, device=dev)
+    if n > 0:
+        _dense_stats_kernel[(triton.cdiv(n, bm), splits)](
+            hidden, weight, bias, part_max, part_sum, part_arg,
+            n, v, d, chunk, vocab_start, cap,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            0 if bias is None else bias.stride(0),
+            UPCAST=configs.interpreting(), DOT_PRECISION=configs.dot_precision(hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
+    if splits == 1:
+        row_max, argmax = part_max[0], part_arg[0]
+        lse = row_max + torch.log(part_sum[0])
+    else:
+        row_max = part_max.max(dim=0).values
+        safe = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        lse = safe + torch.log((part_sum * torch.exp(part_max - safe)).sum(dim=0))
+        first = (part_max == row_max).to(torch.int32).argmax(dim=0)  # lowest slice = lowest id
+        argmax = part_arg.gather(0, first[None]).squeeze(0)
+
+    ids = _id_table(targets, set_ids, soft_ids)
+    _, target_logit, set_lse, soft_dot = _sparse_logits(
+        hidden, weight, bias, ids, soft_weights, set_ids.shape[1], vocab_start=vocab_start, softcap=cap,
+        reduce=True, store_z=False)
+    return ShardStats(max=row_max, argmax=argmax, lse=lse, target_logit=target_logit, set_lse=set_lse,
+                      soft_dot=soft_dot)
+
+
+def _signed_sparse_coefs(z, ids, *, n_set, soft_weights, vocab_start, v, softcap, set_lse, coef_target,
+                         coef_set):
+    """s [N, J]: what each (row, id) adds to dz at that id: -coef_target at the target, -coef_set * q
+    at the concept ids, times the softcap derivative; 0 for ids outside this shard."""
+    hit = (ids >= vocab_start) & (ids < vocab_start + v)
+    s = torch.zeros_like(z)
+    s[:, 0] = -coef_target.to(torch.float32)
+    if soft_weights is None:
+        finite = torch.isfinite(set_lse)[:, None]
+        q = torch.exp(z[:, 1:1 + n_set] - torch.where(finite, set_lse[:, None], torch.zeros_like(z[:, :1])))
+        s[:, 1:1 + n_set] = torch.where(finite, -coef_set.to(torch.float32)[:, None] * q, torch.zeros_like(q))
+    else:
+        s[:, 1 + n_set:] = -coef_set.to(torch.float32)[:, None] * soft_weights.to(torch.float32)
+    if softcap > 0:
+        s = s * (1.0 - (z / softcap) ** 2)
+    return torch.where(hit, s, torch.zeros_like(s))
+
+
+def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, set_ids: Tensor,
+                       soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], *, vocab_start: int = 0,
+                       softcap: Optional[float] = None, lse: Tensor, set_lse: Tensor, coef_dense: Tensor,
+                       coef_target: Tensor, coef_set: Tensor, need_hidden: bool = True, need_weight: bool = True,
+                       need_bias: bool = True, deterministic: bool = True, filter_eps: float = 0.0):
+    """(d_hidden [N, D], d_weight [V, D], d_bias [V]) in float32 for this shard; None where not needed.
+
+    lse / set_lse are the merged (global) statistics, coef_* the per-row scalars of _rowmath."""
+    _check(hidden, weight, bias)
+    cap = _softcap_arg(softcap)
+    need_bias = bool(need_bias and bias is not None)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    d_hidden = torch.zeros((n, d), **f32) if need_hidden else None
+    d_weight = torch.zeros((v, d), **f32) if need_weight else None
+    d_bias = torch.zeros((v,), **f32) if need_bias else None
+    if n == 0 or not (need_hidden or need_weight or need_bias):
+        return d_hidden, d_weight, d_bias
+    if filter_eps < 0:
+        raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+
+    lse = lse.to(torch.float32).contiguous()
+    coef_dense = coef_dense.to(torch.float32).contiguous()
+    dummy = lse
+    cfg = configs.choose("dense_grad", hidden.dtype)
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    common = dict(UPCAST=configs.interpreting(), DOT_PRECISION=configs.dot_precision(hidden.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
+
+    def launch(grid, owner, do_dh, do_dw, do_db):
+        _dense_grad_kernel[grid](
+            hidden, weight, bias, lse, coef_dense,
+            d_hidden if do_dh else dummy, d_weight if do_dw else dummy, d_bias if do_db else dummy,
+            n, v, d, cap, float(filter_eps),
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            0 if bias is None else bias.stride(0),
+            OWNER=owner, DO_DH=do_dh, DO_DW=do_dw, DO_DB=do_db, **common)
+
+    row_tiles, col_tiles = triton.cdiv(n, bm), triton.cdiv(v, bn)
+    if deterministic:
+        if need_hidden:
+            launch((row_tiles,), 1, True, False, False)
+        if need_weight or need_bias:
+            launch((col_tiles,), 2, False, need_weight, need_bias)
+    else:
+        launch((row_tiles, col_tiles), 0, need_hidden, need_weight, need_bias)
+
+    # sparse terms at the target / concept ids
+    ids = _id_table(targets, set_ids, soft_ids)
+    n_set = set_ids.shape[1]
+    z, _, _, _ = _sparse_logits(hidden, weight, bias, ids, None, n_set, vocab_start=vocab_start, softcap=cap,
+                                reduce=False, store_z=True)
+    s = _signed_sparse_coefs(z, ids, n_set=n_set, soft_weights=soft_weights, vocab_start=vocab_start, v=v,
+                             softcap=cap, set_lse=set_lse.to(torch.float32), coef_target=coef_target,
+                             coef_set=coef_set).contiguous()
+    j = ids.shape[1]
+    if need_hidden:
+        c = configs.choose("sparse_grad_hidden", hidden.dtype)
+        grid = (triton.cdiv(n, c.blocks["BLOCK_R"]), triton.cdiv(d, c.blocks["BLOCK_K"]))
+        _sparse_grad_hidden_kernel[grid](
+            weight, ids, s, d_hidden, n, v, d, j, vocab_start, weight.stride(0), weight.stride(1),
+            num_warps=c.num_warps, num_stages=c.num_stages, **c.blocks)
+    if need_weight or need_bias:
+        keep = (s != 0).reshape(-1)
+        flat_local = (ids - vocab_start).reshape(-1)[keep]
+        if flat_local.numel() > 0:
+            flat_row = torch.arange(n, device=dev).repeat_interleave(j)[keep]
+            flat_s = s.reshape(-1)[keep]
+            order = torch.sort(flat_local, stable=True).indices
+            sorted_ids = flat_local[order]
+            seg_id, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+            seg_start = torch.zeros(seg_id.numel() + 1, dtype=torch.int64, device=dev)
+            seg_start[1:] = torch.cumsum(counts, 0)
+            c = configs.choose("sparse_grad_weight", hidden.dtype)
+            u = seg_id.numel()
+            grid = (triton.cdiv(u, c.blocks["BLOCK_U"]), triton.cdiv(d, c.blocks["BLOCK_K"]) if need_weight else 1)
+            _sparse_grad_weight_kernel[grid](
+                hidden, seg_start, seg_id.contiguous(), flat_row[order].contiguous(), flat_s[order].contiguous(),
+                d_weight if need_weight else dummy, d_bias if need_bias else dummy,
+                u, d, hidden.stride(0), hidden.stride(1),
+                DO_DW=need_weight, DO_DB=need_bias, num_warps=c.num_warps, num_stages=c.num_stages, **c.blocks)
+    return d_hidden, d_weight, d_bias

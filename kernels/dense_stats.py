@@ -1,0 +1,84 @@
+"""Dense pass of the forward: per-row online max, arg-max and log-sum-exp over a vocabulary slice.
+
+Formula, for row i and the vocabulary slice s = [s * chunk, min((s + 1) * chunk, V)) of this shard:
+
+    z_iv      = softcap * tanh((h_i . W_v + b_v) / softcap)      (plain h_i . W_v + b_v without softcap)
+    max_is    = max_{v in s} z_iv
+    arg_is    = vocab_start + first v in s with z_iv == max_is
+    sumexp_is = sum_{v in s} exp(z_iv - max_is)
+
+Grid: (cdiv(N, BLOCK_M), SPLITS). Program (m, s) owns rows [m * BLOCK_M, ...) and slice s, and writes
+its three numbers per row to slot s of the [SPLITS, N] outputs; nothing is shared between programs, so
+there are no races and the merge over slices (done by the caller in a fixed order) is deterministic.
+The logit tile h @ W^T is built with `tl.dot` over BLOCK_K-wide slabs of the hidden dimension and is
+never written to memory.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
+})
+@triton.jit
+def _dense_stats_kernel(
+    h_ptr, w_ptr, b_ptr, max_ptr, sumexp_ptr, arg_ptr,
+    N, V, D, chunk, vocab_start, softcap,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    h_row_off = rows.to(tl.int64) * stride_hn
+    ks = tl.arange(0, BLOCK_K)
+    cols_in_tile = tl.arange(0, BLOCK_N)
+
+    v_begin = split * chunk
+    v_end = tl.minimum(v_begin + chunk, V)
+
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), tl.float32)
+    run_arg = tl.zeros((BLOCK_M,), tl.int64)
+
+    for v0 in range(v_begin, v_end, BLOCK_N):
+        cols = v0 + cols_in_tile
+        col_ok = cols < v_end
+        w_col_off = cols.to(tl.int64) * stride_wv
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < D
+            k_off = k.to(tl.int64)
+            h = tl.load(h_ptr + h_row_off[:, None] + k_off[None, :] * stride_hd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + w_col_off[:, None] + k_off[None, :] * stride_wd,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_ok, other=0.0).to(tl.float32)
+            acc = acc + b[None, :]
+        if HAS_SOFTCAP:
+            # tanh(x) = 1 - 2 / (exp(2x) + 1); exact limits +-1 for large |x|
+            acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+        acc = tl.where(col_ok[None, :], acc, float("-inf"))
+
+        tile_max = tl.max(acc, axis=1)
+        tile_arg = tl.argmax(acc, axis=1, tie_break_left=True).to(tl.int64) + v0
+        new_max = tl.maximum(run_max, tile_max)
+        # rows whose running max is still -inf (cannot happen for a non-empty slice, but keeps exp finite)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(acc - safe_max[:, None]), axis=1)
+        run_arg = tl.where(tile_max > run_max, tile_arg, run_arg)
+        run_max = new_max
+
+    out = split.to(tl.int64) * N + rows
+    tl.store(max_ptr + out, run_max, mask=row_ok)
+    tl.store(sumexp_ptr + out, run_sum, mask=row_ok)
+    tl.store(arg_ptr + out, run_arg + vocab_start, mask=row_ok)

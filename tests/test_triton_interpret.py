@@ -1,0 +1,220 @@
+"""The Triton kernels, run for real (Triton's interpreter on CPU, or CUDA), against float64 oracles.
+
+The oracles are written here from the formulas of concept-loss.md / docs/internals.md with explicit
+float64 logits; they share no code with the package. Every case uses fresh random inputs.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py does the same before any import
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from fused_concept._triton_path import triton_partial_stats, triton_shard_grads  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# relative tolerance (to the largest magnitude of the compared tensor) per input dtype
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def make_case(n, v_full, d, k, *, dtype, seed, soft=False, bias=False, shard=None):
+    """Random canonical inputs of docs/internals.md step 0. shard = (vocab_start, V_shard) or None.
+
+    Rows 0..2 are ignored (target -1, empty set), row 3 lists no concept id (empty set), row 4 repeats
+    its target among the soft ids; soft ids keep duplicates, set ids are deduplicated, gold appended."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v_full, d, generator=g) * (3.0 / d ** 0.5)
+    b = torch.randn(v_full, generator=g) if bias else None
+    y = torch.randint(0, v_full, (n,), generator=g)
+    concepts = torch.randint(0, v_full, (n, k), generator=g)
+    if k:
+        concepts[torch.rand(n, k, generator=g) < 0.3] = -1  # pads
+        concepts[:, k // 2] = concepts[:, 0]  # duplicates
+        if k > 1:
+            concepts[5, 1] = y[5]  # synonym equal to the gold id
+    ignored = torch.zeros(n, dtype=torch.bool)
+    ignored[:3] = True
+    empty = ignored.clone()
+    empty[3] = True
+    empty |= (concepts == -1).all(dim=1) if k else torch.ones(n, dtype=torch.bool)
+    targets = torch.where(ignored, torch.full_like(y, -1), y)
+    rows = []
+    for i in range(n):
+        members = [] if empty[i] else sorted(set(t for t in concepts[i].tolist() if t != -1) | {int(y[i])})
+        rows.append(members)
+    width = max([len(r) for r in rows] + [0])
+    set_ids = torch.full((n, width), -1, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        set_ids[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+    soft_ids = soft_w = None
+    if soft:
+        soft_ids = torch.where(empty[:, None], torch.full_like(concepts, -1), concepts)
+        if k > 1:
+            soft_ids[4, 1] = y[4]
+        soft_w = torch.rand(n, k, generator=g) * (soft_ids != -1)
+    vs, vsh = (0, v_full) if shard is None else shard
+    case = dict(h=h.to(dtype), w_full=w.to(dtype), b_full=None if b is None else b.to(dtype), targets=targets,
+                set_ids=set_ids, soft_ids=soft_ids, soft_w=soft_w, vs=vs, vsh=vsh)
+    coef_g = torch.Generator().manual_seed(seed + 1)
+    valid = ~ignored
+    has_set = ~empty
+    case["coef_dense"] = torch.rand(n, generator=coef_g) + 0.5
+    case["coef_target"] = (torch.rand(n, generator=coef_g) + 0.5) * valid
+    case["coef_set"] = (torch.rand(n, generator=coef_g) - 0.3) * has_set
+    return case
+
+
+def shard_args(c):
+    w = c["w_full"][c["vs"]:c["vs"] + c["vsh"]]
+    b = None if c["b_full"] is None else c["b_full"][c["vs"]:c["vs"] + c["vsh"]]
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return [dev(c["h"]), dev(w), dev(b), dev(c["targets"]), dev(c["set_ids"]), dev(c["soft_ids"]),
+            dev(c["soft_w"])]
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+def logits64(c, softcap, full=False):
+    w = c["w_full"].double()
+    z = c["h"].double() @ w.t()
+    if c["b_full"] is not None:
+        z = z + c["b_full"].double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z if full else z[:, c["vs"]:c["vs"] + c["vsh"]]
+
+
+def oracle_stats(c, softcap):
+    z = logits64(c, softcap)
+    vs, vsh = c["vs"], c["vsh"]
+    n = z.shape[0]
+    target_logit = torch.zeros(n, dtype=torch.float64)
+    set_lse = torch.full((n,), float("-inf"), dtype=torch.float64)
+    soft_dot = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        y = int(c["targets"][i])
+        if vs <= y < vs + vsh:
+            target_logit[i] = z[i, y - vs]
+        members = [t - vs for t in c["set_ids"][i].tolist() if vs <= t < vs + vsh]
+        if members:
+            set_lse[i] = torch.logsumexp(z[i, members], 0)
+        if c["soft_ids"] is not None:
+            for t, wk in zip(c["soft_ids"][i].tolist(), c["soft_w"][i].tolist()):
+                if vs <= t < vs + vsh:
+                    soft_dot[i] += wk * z[i, t - vs]
+    return dict(max=z.max(1).values, lse=torch.logsumexp(z, 1), target_logit=target_logit, set_lse=set_lse,
+                soft_dot=soft_dot, z=z)
+
+
+def oracle_grads(c, softcap):
+    """dz over the shard with GLOBAL lse / set_lse (from the full vocabulary), then dh, dW, db."""
+    zf = logits64(c, softcap, full=True)
+    vs, vsh = c["vs"], c["vsh"]
+    lse = torch.logsumexp(zf, 1)
+    n = zf.shape[0]
+    set_lse = torch.full((n,), float("-inf"), dtype=torch.float64)
+    for i in range(n):
+        members = [t for t in c["set_ids"][i].tolist() if t != -1]
+        if members:
+            set_lse[i] = torch.logsumexp(zf[i, members], 0)
+    dz = c["coef_dense"].double()[:, None] * torch.exp(zf - lse[:, None])
+    for i in range(n):
+        y = int(c["targets"][i])
+        if y >= 0:
+            dz[i, y] -= float(c["coef_target"][i])
+        if c["soft_ids"] is None:
+            for t in c["set_ids"][i].tolist():
+                if t != -1:
+                    dz[i, t] -= float(c["coef_set"][i]) * float(torch.exp(zf[i, t] - set_lse[i]))
+        else:
+            for t, wk in zip(c["soft_ids"][i].tolist(), c["soft_w"][i].tolist()):
+                if t != -1:
+                    dz[i, t] -= float(c["coef_set"][i]) * wk
+    if softcap is not None:
+        dz = dz * (1 - (zf / softcap) ** 2)
+    dz = dz[:, vs:vs + vsh]
+    w = c["w_full"].double()[vs:vs + vsh]
+    return dict(lse=lse, set_lse=set_lse, dh=dz @ w, dw=dz.t() @ c["h"].double(), db=dz.sum(0))
+
+
+def assert_close(got, want, dtype, what):
+    got = got.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if want.numel() == 0:
+        return
+    scale = max(float(want.abs().max()), 1e-3)
+    err = float((got - want).abs().max())
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype]:.1g} x {scale:.3g}"
+
+
+def check_stats(c, softcap, dtype, **kw):
+    stats = triton_partial_stats(*shard_args(c), vocab_start=c["vs"], softcap=softcap, **kw)
+    want = oracle_stats(c, softcap)
+    for name in ("max", "lse", "target_logit", "soft_dot"):
+        assert_close(getattr(stats, name), want[name], dtype, name)
+    got_set = stats.set_lse.double().cpu()
+    assert torch.equal(torch.isfinite(got_set), torch.isfinite(want["set_lse"])), "set_lse: empty rows differ"
+    fin = torch.isfinite(want["set_lse"])
+    assert_close(got_set[fin], want["set_lse"][fin], dtype, "set_lse")
+    # argmax: a global id in the shard whose logit is the maximum (to the dtype's rounding)
+    arg = stats.argmax.cpu()
+    assert arg.dtype == torch.int64
+    assert bool(((arg >= c["vs"]) & (arg < c["vs"] + c["vsh"])).all())
+    at = want["z"].gather(1, (arg - c["vs"])[:, None])[:, 0]
+    assert float((want["max"] - at).max()) <= TOL[dtype] * max(1.0, float(want["max"].abs().max()))
+    return stats
+
+
+def check_grads(c, softcap, dtype, *, need_hidden=True, need_weight=True, need_bias=True, **kw):
+    want = oracle_grads(c, softcap)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    dh, dw, db = triton_shard_grads(
+        *shard_args(c), vocab_start=c["vs"], softcap=softcap, lse=dev(want["lse"].float()),
+        set_lse=dev(want["set_lse"].float()), coef_dense=dev(c["coef_dense"]), coef_target=dev(c["coef_target"]),
+        coef_set=dev(c["coef_set"]), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, **kw)
+    assert (dh is None) == (not need_hidden)
+    assert (dw is None) == (not need_weight)
+    assert (db is None) == (not (need_bias and c["b_full"] is not None))
+    if dh is not None:
+        assert dh.shape == c["h"].shape
+        assert_close(dh, want["dh"], dtype, "d_hidden")
+    if dw is not None:
+        assert dw.shape == (c["vsh"], c["h"].shape[1])
+        assert_close(dw, want["dw"], dtype, "d_weight")
+    if db is not None:
+        assert_close(db, want["db"], dtype, "d_bias")
+    return dh, dw, db
+
+
+# ------------------------------------------------------------------------------------------------ cases
+# (name, (N, V_full, D), K, dtype, options)
+CASES = [
+    ("small-fp32-marginal", (37, 1001, 48), 4, torch.float32, {}),
+    ("small-bf16-K16-bias-softcap", (37, 1001, 48), 16, torch.bfloat16, dict(bias=True, softcap=15.0)),
+    ("small-fp32-soft-K16-bias", (37, 1001, 48), 16, torch.float32, dict(soft=True, bias=True)),
+    ("small-bf16-soft-softcap", (37, 1001, 48), 6, torch.bfloat16, dict(soft=True, softcap=20.0)),
+    ("small-fp32-K0-frozen", (37, 1001, 48), 0, torch.float32, dict(need_weight=False, bias=True,
+                                                                    need_bias=False)),
+    ("big-bf16-K11-shard", (130, 4099, 80), 11, torch.bfloat16, dict(shard=(1500, 2077), bias=True)),
+    ("big-fp32-soft-shard-softcap", (130, 4099, 80), 5, torch.float32,
+     dict(soft=True, shard=(0, 2050), softcap=30.0)),
+    ("big-fp32-atomic-splits", (130, 4099, 80), 16, torch.float32,
+     dict(bias=True, deterministic=False, vocab_splits=3)),
+]
+
+
+@pytest.mark.parametrize("name,shape,k,dtype,opts", CASES, ids=[c[0] for c in CASES])
+def test_stats_and_grads_match_float64(name, shape, k, dtype, opts):
+    opts = dict(opts)
+    softcap = opts.pop("softcap", None)
+    make = {key: opts.pop(key) for key in ("soft", "bias", "shard") if key in opts}
+    stats_kw = {key: opts.pop(key) for key in ("vocab_splits",) if key in opts}
+    n, v, d = shape
+    c = make_case(n, v, d, k, dtype=dtype, seed=hash(name) % 10_000, **make)
+    check_stats(c, softcap, dtype, **stats_kw)
+    check_grads(c, softcap, dtype, **opts)
