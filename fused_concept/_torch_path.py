@@ -53,10 +53,16 @@ def _local(ids: Tensor, vocab_start: int, v: int):
     return local.clamp(0, v - 1), inside
 
 
-def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_start: int) -> ShardStats:
+def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_start: int,
+                 keep_exp: bool = False):
+    """Statistics of one chunk. With keep_exp, also returns e = exp(z - max) and its row sums,
+    which the fused sweep turns into softmax(z) without a second exponential pass."""
     v = z.shape[1]
     best, arg = z.max(dim=1)
-    lse = best + torch.log(torch.exp(z - best[:, None]).sum(dim=1))
+    e = torch.sub(z, best[:, None])
+    e.exp_()
+    sumexp = e.sum(dim=1)
+    lse = best + torch.log(sumexp)
     t_local, t_in = _local(targets, vocab_start, v)
     target_logit = torch.where(t_in, z.gather(1, t_local[:, None]).squeeze(1), torch.zeros_like(lse))
     if set_ids.shape[1] > 0:
@@ -70,28 +76,44 @@ def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_star
         soft_dot = (z.gather(1, k_local) * soft_weights).masked_fill(~k_in, 0.0).sum(dim=1)
     else:
         soft_dot = torch.zeros_like(lse)
-    return ShardStats(best, arg + vocab_start, lse, target_logit, set_lse, soft_dot)
+    stats = ShardStats(best, arg + vocab_start, lse, target_logit, set_lse, soft_dot)
+    if keep_exp:
+        return stats, e, sumexp
+    return stats
 
 
 def _chunk_dlogits(z, targets, set_ids, soft_ids, soft_weights, vocab_start, softcap,
-                   lse, set_lse, coef_dense, coef_target, coef_set) -> Tensor:
-    """dL/dz_raw for one chunk (a new [rows, V] float32 tensor); z holds the (capped) logits."""
+                   lse, set_lse, coef_dense, coef_target, coef_set, probs_unnormalised=None,
+                   row_sums=None) -> Tensor:
+    """dL/dz_raw for one chunk, [rows, V] in the accumulation dtype. z holds the (capped) logits.
+
+    The dense term coef_dense * softmax(z) is built in place: in `probs_unnormalised` (exp(z - max),
+    divided here by `row_sums`) when given, else in z itself unless softcap still needs z."""
     v = z.shape[1]
-    dz = torch.exp(z - lse[:, None]).mul_(coef_dense[:, None])
     t_local, t_in = _local(targets, vocab_start, v)
-    dz.scatter_add_(1, t_local[:, None], (-coef_target * t_in)[:, None])
+    q = None
     if soft_ids is not None:
         if soft_ids.shape[1] > 0:
             k_local, k_in = _local(soft_ids, vocab_start, v)
-            dz.scatter_add_(1, k_local, -(coef_set[:, None] * soft_weights).masked_fill(~k_in, 0.0))
+            q_ids, q = k_local, (coef_set[:, None] * soft_weights).masked_fill(~k_in, 0.0)
     elif set_ids.shape[1] > 0:
         s_local, s_in = _local(set_ids, vocab_start, v)
         safe_set = torch.where(torch.isfinite(set_lse), set_lse, torch.zeros_like(set_lse))
         q = torch.exp(z.gather(1, s_local) - safe_set[:, None]).masked_fill(~s_in, 0.0)
-        # set ids are unique per row, so a scatter_add adds each q exactly once
-        dz.scatter_add_(1, s_local, -coef_set[:, None] * q)
+        q_ids, q = s_local, coef_set[:, None] * q
+    cap_factor = None
     if softcap is not None:
-        dz.mul_(1.0 - (z / softcap) ** 2)
+        cap_factor = torch.div(z, softcap).square_().neg_().add_(1.0)
+    if probs_unnormalised is not None:
+        dz = probs_unnormalised.mul_((coef_dense / row_sums)[:, None])
+    else:
+        dz = z.sub_(lse[:, None]).exp_().mul_(coef_dense[:, None])
+    dz.scatter_add_(1, t_local[:, None], (-coef_target * t_in)[:, None])
+    if q is not None:
+        # set ids are unique per row; soft ids may repeat and then add up, as q_v = sum_{k: C_k = v} w_k
+        dz.scatter_add_(1, q_ids, -q)
+    if cap_factor is not None:
+        dz.mul_(cap_factor)
     return dz
 
 
@@ -146,7 +168,7 @@ def torch_shard_grads(hidden, weight, bias, targets, set_ids, soft_ids, soft_wei
         hi = min(n, lo + step)
         h_c = hidden[lo:hi]
         z = _logits(h_c, weight, bias, softcap)
-        dz = _chunk_dlogits(z, targets[lo:hi], set_ids[lo:hi],
+        dz = _chunk_dlogits(z, targets[lo:hi], set_ids[lo:hi],  # overwrites z
                             None if soft_ids is None else soft_ids[lo:hi],
                             None if soft_weights is None else soft_weights[lo:hi], vocab_start, softcap,
                             lse[lo:hi], set_lse[lo:hi], coef_dense[lo:hi], coef_target[lo:hi], coef_set[lo:hi])
@@ -172,7 +194,8 @@ def torch_stats_and_grads(canon, *, softcap, margin, z_loss, row_scale: Tensor,
         soft_ids = None if canon.soft_ids is None else canon.soft_ids[rows]
         soft_w = None if canon.soft_weights is None else canon.soft_weights[rows]
         z = _logits(h_c, weight, bias, softcap)
-        st = _chunk_stats(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0)
+        st, e, sumexp = _chunk_stats(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0,
+                                     keep_exp=True)
         parts.append(st)
         terms = row_terms(st, valid=canon.valid[rows], has_set=canon.has_set[rows], alpha=canon.alpha[rows],
                           beta=canon.beta[rows], margin=margin, z_loss=z_loss, soft=canon.soft)
@@ -180,8 +203,8 @@ def torch_stats_and_grads(canon, *, softcap, margin, z_loss, row_scale: Tensor,
                                   has_set=canon.has_set[rows], alpha=canon.alpha[rows], beta=canon.beta[rows],
                                   z_loss=z_loss)
         dz = _chunk_dlogits(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0, softcap,
-                            st.lse, st.set_lse, *coefs)
-        del z
+                            st.lse, st.set_lse, *coefs, probs_unnormalised=e, row_sums=sumexp)
+        del z, e
         _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias)
         del dz
     stats = parts[0] if len(parts) == 1 else ShardStats(*(torch.cat(f) for f in zip(*parts)))

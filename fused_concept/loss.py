@@ -86,15 +86,14 @@ class _FusedConceptLoss(torch.autograd.Function):
         terms = row_terms(stats, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha,
                           beta=canon.beta, margin=margin, z_loss=z_loss, soft=canon.soft)
         loss = reduce_rows(terms.loss, canon.valid, reduction)
-        ctx.fused = fuse
         ctx.impl, ctx.reduction, ctx.softcap, ctx.z_loss = impl, reduction, softcap, z_loss
         ctx.canon = canon
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.need = (need_hidden, need_weight, need_bias)
-        if fuse:
-            ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in grads))
-        else:
-            ctx.save_for_backward(stats.lse, stats.set_lse, terms.hinge)
+        # the fused gradient is kept as a plain attribute (not saved tensors) so that the first backward
+        # can hand the buffers over to .grad without a copy; a repeated backward (retain_graph) recomputes
+        ctx.grads = grads
+        ctx.save_for_backward(stats.lse, stats.set_lse, terms.hinge)
         ctx.mark_non_differentiable(terms.ce, terms.mass, stats.lse, stats.argmax)
         return loss, stats.lse, terms.ce, terms.mass, stats.argmax
 
@@ -103,9 +102,10 @@ class _FusedConceptLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):
         need_hidden, need_weight, need_bias = ctx.need
         canon = ctx.canon
-        if ctx.fused:
-            grads = [None if not need else g * grad_loss.float()
-                     for g, need in zip(ctx.saved_tensors, ctx.need)]
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            if bool(grad_loss != 1):
+                grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         else:
             lse, set_lse, hinge = ctx.saved_tensors
             g = upstream_per_row(grad_loss, canon.valid, ctx.reduction)
