@@ -6,13 +6,14 @@ sub-group {0, 1} with V = 37 split [20, 17], a 2-rank sub-group {1, 2} (group ra
 global ranks) and a 3-rank layout whose middle rank holds no rows. Every rank checks its own loss,
 statistics, replicated d_hidden and its slice of d_weight / d_bias; the parent turns the per-rank
 verdicts into one pytest case per (layout, case). Inputs are fresh random draws (the seed is printed
-on failure; FC_DIST_SEED=... replays one).
+on failure; FC_DIST_SEED=... replays one; FC_DIST_CASES=regex runs a subset).
 """
 import datetime
 import itertools
 import json
 import os
 import random
+import re
 import traceback
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ LAYOUTS = {
 }
 FULL_LAYOUTS = ("w3", "w2")  # where the whole option sweep runs
 TIMEOUT_S = 240
+ONLY = os.environ.get("FC_DIST_CASES", "")  # a regex over "layout/case" to run a subset while developing
 
 # every (mode, margin, include_target, reduction); bias, per-row weights, softcap, z_loss rotate
 OPTION_CASES = list(itertools.product(["marginal", "soft"], [None, "cut"], [True, False], ["mean", "sum", "none"]))
@@ -401,6 +403,23 @@ def communication_volume(env):
         dist.all_reduce = real
 
 
+@case("w3", "w2", "w3_empty_rank")
+def sets_far_below_the_max(env):
+    """Concept sets whose logits lie hundreds of nats below the row maximum: merging the set's
+    log-sum-exp with the global max as the shift would underflow float32 to -inf (an infinite loss)."""
+    n, d = 10, 16
+    g = torch.Generator().manual_seed(env.seed + 11)
+    h = torch.randn(n, d, generator=g) * 40.0
+    w = torch.randn(env.vocab, d, generator=g)
+    z = h.double() @ w.double().t()
+    lowest = z.argsort(dim=1)[:, :4]  # the four least likely ids of each row, spread over the blocks
+    y = lowest[:, 0].clone()
+    c = lowest[:, 1:].clone()
+    assert float((z.max(1).values - z.gather(1, lowest).max(1).values).min()) > 120.0
+    check(env, h, w, None, y, c, include_target=False, reduction="none")
+    check(env, h, w, None, y, c, torch.rand(n, 3, generator=g), mode="soft", reduction="sum")
+
+
 @case("w2")
 def triton_interpreter_path(env):
     """The Triton shard kernels (interpreter on CPU) plug into the same merge, when they exist."""
@@ -418,7 +437,7 @@ def triton_interpreter_path(env):
 # the spawned ranks and the parent side
 # ------------------------------------------------------------------------------------------------
 
-def _worker(global_rank, init_file, seed, out_dir):
+def _worker(global_rank, init_file, seed, out_dir, only):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=global_rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
@@ -433,7 +452,7 @@ def _worker(global_rank, init_file, seed, out_dir):
             grank = ranks.index(global_rank)
             env = Env(name, groups[name], sizes, grank, sum(sizes[:grank]), sum(sizes), seed)
             for case_name, (fn, layouts) in CASES.items():
-                if name not in layouts:
+                if name not in layouts or not re.search(only, f"{name}/{case_name}"):
                     continue
                 try:
                     outcome = fn(env)
@@ -457,7 +476,7 @@ def rank_results(tmp_path_factory):
     seed = int(os.environ.get("FC_DIST_SEED", random.randrange(1, 10 ** 6)))
     work = tmp_path_factory.mktemp("distributed")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(work / "store"), seed, str(work)), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, str(work / "store"), seed, str(work), ONLY), daemon=True)
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -477,6 +496,8 @@ def rank_results(tmp_path_factory):
 
 @pytest.mark.parametrize("key", _all_keys())
 def test_vocab_parallel(rank_results, key):
+    if not re.search(ONLY, key):
+        pytest.skip(f"not selected by FC_DIST_CASES={ONLY!r}")
     seed, per_rank, hung, codes = rank_results
     layout = key.split("/")[0]
     ranks = LAYOUTS[layout][0]
