@@ -26,6 +26,7 @@ own logits on a small input and says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -376,6 +377,44 @@ def _finish_tokenizer(tokenizer):
     return tokenizer
 
 
+@contextlib.contextmanager
+def _memoized_gguf_parsing():
+    """Within the block, parse each GGUF file once and build each tensor-name map once.
+
+    transformers' GGUF loader parses the whole file (header, ~50k vocabulary strings) once for the
+    config and again for the weights, and rebuilds gguf's tensor-name table for every tensor; both are
+    pure functions of their arguments, so memoizing them changes nothing but the loading time.
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    make_reader = getattr(gguf, "GGUFReader", None)
+    make_map = getattr(gguf, "get_tensor_name_map", None)
+    if make_reader is None or make_map is None:
+        yield
+        return
+    readers, maps = {}, {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.abspath(os.fspath(path)), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = make_reader(path, *args, **kwargs)
+        return readers[key]
+
+    def name_map(*args):
+        if args not in maps:
+            maps[args] = make_map(*args)
+        return maps[args]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
+
+
 def _load_gguf(path, tokenizer=True, cache_dir=None, **model_kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -383,9 +422,10 @@ def _load_gguf(path, tokenizer=True, cache_dir=None, **model_kw):
     common = {"gguf_file": name, "local_files_only": True}
     if cache_dir is not None:
         common["cache_dir"] = cache_dir
-    model = AutoModelForCausalLM.from_pretrained(folder, **common, **model_kw)
-    model.eval()
-    tok = _finish_tokenizer(AutoTokenizer.from_pretrained(folder, **common)) if tokenizer else None
+    with _memoized_gguf_parsing():
+        model = AutoModelForCausalLM.from_pretrained(folder, **common, **model_kw)
+        model.eval()
+        tok = _finish_tokenizer(AutoTokenizer.from_pretrained(folder, **common)) if tokenizer else None
     return model, tok
 
 
