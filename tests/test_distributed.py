@@ -225,9 +225,10 @@ def leading_dims_and_stats_shapes(env):
 
 
 @case("w3", "w3_empty_rank")
-def bfloat16(env):
-    h, w, b, y, c, _ = make_inputs(env, 103, dtype=torch.bfloat16)
-    check(env, h, w, b, y, c, tol=1e-2, grad_tol=3e-2, argmax_exact=False)
+def half_precision(env):
+    for dtype in (torch.bfloat16, torch.float16):
+        h, w, b, y, c, _ = make_inputs(env, 103, dtype=dtype)
+        check(env, h, w, b, y, c, tol=1e-2, grad_tol=3e-2, argmax_exact=False, margin=0.3)
 
 
 @case("w3", "w2_ranks12")
@@ -283,17 +284,56 @@ def argmax_ties_break_to_lowest_id(env):
 
 
 @case("w3", "w2")
-def nan_in_one_block_gives_nan_everywhere(env):
+def nan_or_inf_in_one_block_gives_nan_everywhere(env):
     from fused_concept.distributed import vocab_parallel_concept_loss
 
     h, w, b, y, c, _ = make_inputs(env, 108)
     last = max(i for i, s in enumerate(env.sizes) if s)
-    w_r = w[env.block].clone()
-    if env.rank == last:
-        w_r[-1, 0] = float("nan")
-    loss, stats = vocab_parallel_concept_loss(h, w_r, y, c, group=env.group, return_stats=True)
+    for bad in (float("nan"), float("inf")):
+        w_r = w[env.block].clone()
+        if env.rank == last:
+            w_r[-1, 0] = bad
+        loss, stats = vocab_parallel_concept_loss(h, w_r, y, c, group=env.group, return_stats=True)
+        assert torch.isnan(loss), (bad, loss)
+        if bad != bad:
+            assert torch.isnan(stats.lse).all()
+    h_nan = h.clone()
+    h_nan[3, 2] = float("nan")  # replicated hidden: NaN on every rank
+    loss = vocab_parallel_concept_loss(h_nan, w[env.block], y, c, group=env.group, reduction="sum")
     assert torch.isnan(loss), loss
-    assert torch.isnan(stats.lse).all()
+
+
+@case("w3", "w2_ranks12")
+def frozen_head_or_frozen_hidden(env):
+    h, w, b, y, c, _ = make_inputs(env, 114)
+    from fused_concept.distributed import vocab_parallel_concept_loss
+
+    h64, w64, b64 = as_float64(h.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+    ref, _ = contract_loss(h64, w64, y, c, bias=b64, margin=0.3)
+    want = torch.autograd.grad(ref, (h64, w64, b64))
+    # frozen head: only hidden gets a gradient (still all-reduced: the same on every rank)
+    h_r = h.detach().clone().requires_grad_()
+    w_r, b_r = w.detach()[env.block], b.detach()[env.block]
+    vocab_parallel_concept_loss(h_r, w_r, y, c, group=env.group, bias=b_r, margin=0.3).backward()
+    assert rel_err(h_r.grad, want[0]) < 1e-4 and all_equal_across_group(env, h_r.grad)
+    # frozen hidden: only the local head block gets one
+    w_r = w.detach()[env.block].clone().requires_grad_()
+    vocab_parallel_concept_loss(h.detach(), w_r, y, c, group=env.group, bias=b_r, margin=0.3).backward()
+    assert rel_err(w_r.grad, want[1][env.block]) < 1e-4
+
+
+@case("w3_empty_rank")
+def type_errors_on_every_rank(env):
+    from fused_concept.distributed import vocab_parallel_concept_loss
+
+    h, w, b, y, c, _ = make_inputs(env, 115)
+    w_r = w[env.block]
+    with pytest.raises(TypeError, match="targets"):
+        vocab_parallel_concept_loss(h, w_r, y.float(), c, group=env.group)
+    with pytest.raises(TypeError, match="dtype"):
+        vocab_parallel_concept_loss(h.double(), w_r, y, c, group=env.group)
+    with pytest.raises(ValueError, match="weight dtype differs"):
+        vocab_parallel_concept_loss(h, w_r.double() if env.rank == 2 else w_r, y, c, group=env.group)
 
 
 @case("w3", "w2_ranks12")
@@ -349,7 +389,10 @@ def paper_objective(env):
     from fused_concept.distributed import vocab_parallel_concept_objective
 
     h, w, b, y, c, _ = make_inputs(env, 111, lead=(3, 8))
-    for lam, margin, counts in ((0.5, 0.6, {}), (0.3, None, {"num_valid": 50, "num_content": 31})):
+    no_content, no_valid = torch.full_like(c, -1), torch.full_like(y, -100)
+    for lam, margin, counts, y, c in ((0.5, 0.6, {}, y, c), (0.3, None, {"num_valid": 50, "num_content": 31}, y, c),
+                                      (0.0, 0.6, {}, y, c), (1.0, 0.6, {}, y, c), (0.5, 0.6, {}, y, no_content),
+                                      (0.5, 0.6, {}, no_valid, c)):
         h_r = h.detach().clone().requires_grad_()
         w_r = w[env.block].clone().requires_grad_()
         b_r = b[env.block].clone().requires_grad_()
@@ -526,3 +569,18 @@ def test_needs_an_initialised_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="process group"):
         vocab_parallel_concept_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]))
+
+
+def test_float_order_key_round_trip_and_order():
+    """The MAX-merge encoding: exact round trip, integer order = float order, -0.0 ties +0.0."""
+    from fused_concept.distributed import _from_key, _order_key
+
+    g = torch.Generator().manual_seed(random.randrange(10 ** 6))
+    x = torch.cat([torch.randn(500, generator=g) * 10.0 ** torch.randint(-40, 38, (500,), generator=g).float(),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])])
+    key = _order_key(x)
+    back = _from_key(key)
+    assert torch.equal(back, x + 0.0) and not torch.signbit(_from_key(_order_key(torch.tensor([-0.0])))).any()
+    order = x.argsort(stable=True)
+    assert (key[order].diff() >= 0).all()
+    assert ((key[order].diff() == 0) == (x[order].diff() == 0)).all()
