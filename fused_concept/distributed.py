@@ -50,6 +50,7 @@ __all__ = [
     "vocab_parallel_concept_loss",
     "vocab_parallel_concept_objective",
     "shard_layout",
+    "ShardLayout",
     "communication_bytes",
 ]
 
@@ -155,7 +156,7 @@ def _log_sum_shifted(shift: Tensor, parts: Tensor) -> Tensor:
     return shift + torch.log(parts)
 
 
-def merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: bool) -> ShardStats:
+def _merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: bool) -> ShardStats:
     """Turn each rank's shard statistics into those of the whole vocabulary (same on every rank):
     one MAX all-reduce (packed int64 keys) and one SUM all-reduce (packed float32)."""
     n = stats.max.shape[0]
@@ -241,7 +242,7 @@ class _VocabParallelRows(torch.autograd.Function):
                                   softcap=options["softcap"])
         else:
             local = _empty_shard_stats(n, hidden.device)
-        merged = merge_across_ranks(local, group, with_set=canon.set_ids.shape[1] > 0, with_soft=canon.soft)
+        merged = _merge_across_ranks(local, group, with_set=canon.set_ids.shape[1] > 0, with_soft=canon.soft)
         terms = row_terms(merged, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha,
                           beta=canon.beta, margin=options["margin"], z_loss=options["z_loss"], soft=canon.soft)
         ctx.save_for_backward(hidden, weight, bias)

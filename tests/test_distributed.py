@@ -48,6 +48,7 @@ class Env(NamedTuple):
     start: int  # first global id of this rank's block
     vocab: int
     seed: int
+    groups: dict  # every layout's group (None: the default group; a non-member gets a placeholder)
 
     @property
     def block(self):
@@ -413,6 +414,17 @@ def paper_objective(env):
         assert rel_err(loss, single) < 2e-5
 
 
+@case("w3")
+def non_member_of_the_group_raises(env):
+    from fused_concept.distributed import vocab_parallel_concept_loss
+
+    h, w, b, y, c, _ = make_inputs(env, 116)
+    members = LAYOUTS["w2"][0]
+    if dist.get_rank() not in members:  # no collective is entered: the others need not take part
+        with pytest.raises(ValueError, match="not a member"):
+            vocab_parallel_concept_loss(h, w[:5], y, c, group=env.groups["w2"])
+
+
 @case("w3", "w2")
 def communication_volume(env):
     """The bytes handed to all-reduce per call are exactly `communication_bytes(N, D)`: independent of
@@ -493,7 +505,7 @@ def _worker(global_rank, init_file, seed, out_dir, only):
             if global_rank not in ranks:
                 continue
             grank = ranks.index(global_rank)
-            env = Env(name, groups[name], sizes, grank, sum(sizes[:grank]), sum(sizes), seed)
+            env = Env(name, groups[name], sizes, grank, sum(sizes[:grank]), sum(sizes), seed, groups)
             for case_name, (fn, layouts) in CASES.items():
                 if name not in layouts or not re.search(only, f"{name}/{case_name}"):
                     continue
