@@ -22,7 +22,11 @@ token set, so N_v and |T| are counted locally from the step's sequence indices, 
 function of (seed, step): that also makes `--resume` reproduce an uninterrupted run exactly.
 
 Multi-process: under `torchrun --nproc_per_node=N` the model is wrapped in DistributedDataParallel
-(gloo on CPU, nccl on CUDA); only rank 0 writes checkpoints, metrics and the plot.
+(gloo on CPU, nccl on CUDA); only rank 0 writes checkpoints, metrics and the plot. With
+`--vocab-parallel` the trunk stays data-parallel but the LM head is split by vocabulary rows: the
+ranks' final hidden states are all-gathered, every rank applies its block of head rows to all of them
+(`fused_concept.distributed.vocab_parallel_concept_objective`, identical loss on every rank), and
+the trunk's gradients are summed over ranks by hand instead of by DDP.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -83,7 +88,9 @@ class TrainConfig:
 
     model: Optional[str] = _opt(None, "Hugging Face causal LM name or path (default: the embedded SmolLM2-135M GGUF)")
     data: Optional[str] = _opt(None, "a .txt or .jsonl file, or a datasets name (default: embedded English corpus)")
-    out_dir: str = _opt("runs/default", "output folder: metrics.json, curves.png, checkpoints/, concept caches")
+    out_dir: str = _opt("runs/default", "output folder: metrics.json, curves.png, checkpoints/")
+    concept_cache: Optional[str] = _opt("runs/concept-cache", "folder of cached concept sets, shared by runs "
+                                        "(keyed by model, options and token ids); none: out_dir")
     seq_len: int = _opt(64, "tokens per sequence")
     num_train: int = _opt(128, "training sequences")
     num_heldout: int = _opt(24, "held-out sequences for evaluation")
@@ -301,16 +308,21 @@ def _load_model(config: TrainConfig):
 
 def _build_data(config: TrainConfig, text: str, model, tokenizer, rank: int, world: int) -> TokenData:
     """Tokenise, split and attach concept sets (built once by rank 0, cached in out_dir)."""
-    from .concepts import load_or_build_concepts
+    from .concepts import fingerprint, load_or_build_concepts
 
     chunks = token_chunks(tokenizer, text, config.seq_len)
     source = config.data or "the default corpus"
     train_ids, heldout_ids = split_train_heldout(chunks, config.num_train, config.num_heldout, source=source)
     build_kw = dict(top_k=config.top_k, max_synonyms=config.max_synonyms, threshold=config.threshold)
+    folder = config.concept_cache or config.out_dir
+    model_tag = fingerprint(model, tokenizer)
     concepts = []
     for part, ids in (("train", train_ids), ("heldout", heldout_ids)):
-        path = os.path.join(config.out_dir, f"concepts-{part}.pt")
+        key = hashlib.sha256(ids.numpy().tobytes() + repr(sorted(build_kw.items())).encode()).hexdigest()[:12]
+        path = os.path.join(folder, f"concepts-{model_tag}-{part}-{key}.pt")
         if rank == 0:
+            if not os.path.exists(path):
+                _log(f"building {part} concept sets (cached in {path}) ...")
             concepts.append(load_or_build_concepts(path, model, tokenizer, ids, progress=config.progress, **build_kw))
         if world > 1:
             dist.barrier()
@@ -367,7 +379,12 @@ def _train(config, model, tokenizer, data, rank, world, device, t_start) -> Dict
     t_load = time.time() - t0
     t0 = time.time()
     if data is None:
-        data = _build_data(config, text, model, tokenizer, rank, world)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the builder's many one-token forwards run faster on one thread
+        try:
+            data = _build_data(config, text, model, tokenizer, rank, world)
+        finally:
+            torch.set_num_threads(threads)
     t_concepts = time.time() - t0
     n_train_rows, n_train_content = _row_counts(data.train_concepts)
     _log(
@@ -375,8 +392,9 @@ def _train(config, model, tokenizer, data, rank, world, device, t_start) -> Dict
         f"{data.train_ids.shape[1]} tokens; {n_train_content}/{n_train_rows} training rows are content words"
     )
     if is_default_job:
-        _log("embedded default job: fewer sequences and steps and a smaller concept top-k than the paper, "
-             "to finish in minutes on 2 CPU cores")
+        _log(f"embedded default job, scaled down to finish in minutes on 2 CPU cores: {config.num_train} training "
+             f"sequences of {config.seq_len} tokens, {config.steps} steps of {config.batch_size} sequences, "
+             f"concept top-k {config.top_k} (the paper: a large corpus, top-k {PAPER_SETTINGS['top_k']})")
     _log(_settings_vs_paper(config))
 
     # 2. what trains: LoRA adapters on q/k/v/o (the paper's setting) or every weight
