@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ._inputs import Canonical, prepare
 from ._rowmath import ShardStats, grad_coefficients, reduce_rows, row_terms
+from .loss import ConceptStats, _backend, _resolve_impl
 
 __all__ = [
     "vocab_parallel_concept_loss",
@@ -210,8 +211,6 @@ def communication_bytes(n: int, d: int, *, has_sets: bool = True, soft: bool = F
 
 def _path(impl: str, device: torch.device):
     """(partial_stats, shard_grads) of the single-device implementation `impl` resolves to."""
-    from .loss import _backend, _resolve_impl
-
     which = _resolve_impl(impl, device)
     if which == "reference":
         raise ValueError('impl="reference" materialises the whole head on one device; '
@@ -310,8 +309,6 @@ def vocab_parallel_concept_loss(hidden: Tensor, weight_shard: Tensor, targets: T
     `concept_loss`; the loss and the statistics (global lse, ce, mass, argmax) are the same on every
     rank. Backward: d_hidden is all-reduced (the same on every rank), d_weight_shard / d_bias stay local.
     """
-    from .loss import ConceptStats
-
     layout = _exchange(hidden, weight_shard, bias, targets, concepts, group)
     path = _path(impl, hidden.device)
     if weight_shard.shape[0] == 0:
@@ -439,12 +436,12 @@ def _measure_main(argv=None) -> None:
     grid = [tuple(int(x) for x in item.split("x")) for item in args.grid.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/result.json"
-        mp.get_context("spawn")
         mp.spawn(_measure_rank, args=(args.world, f"{tmp}/store", args.vocab, grid, args.repeats, out),
                  nprocs=args.world)
         with open(out) as f:
             result = json.load(f)
-    print(f"world {result['world']}, V = {result['vocab']} split {result['sizes']}, gloo on CPU, best of {args.repeats}")
+    print(f"world {result['world']}, V = {result['vocab']} split {result['sizes']}, gloo on CPU, "
+          f"best of {args.repeats}")
     print("| N | D | K | bytes all-reduced (counted) | communication_bytes | step fwd+bwd (ms) | in all_reduce (ms) |")
     print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
