@@ -93,7 +93,7 @@ def _sparse_logits(hidden, weight, bias, ids, soft_weights, n_set, *, vocab_star
     z = torch.zeros((n, j), dtype=torch.float32, device=dev) if store_z else target
     has_soft = soft_weights is not None
     sw = soft_weights.to(torch.float32).contiguous() if has_soft else target
-    cfg = configs.choose("sparse_logits", hidden.dtype)
+    cfg = configs.choose("sparse_logits", hidden.dtype, hidden.device)
     if n > 0 and j > 0:
         grid = (triton.cdiv(n, cfg.blocks["BLOCK_R"]),)
         _sparse_logits_kernel[grid](
@@ -120,7 +120,7 @@ def triton_partial_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     dev = hidden.device
     if v == 0:
         raise ValueError("weight has no rows (empty vocabulary shard)")
-    cfg = configs.choose("dense_stats", hidden.dtype)
+    cfg = configs.choose("dense_stats", hidden.dtype, hidden.device)
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     splits = vocab_splits if vocab_splits is not None else _vocab_splits(n, v, bm, bn, dev)
     chunk = triton.cdiv(triton.cdiv(v, max(1, int(splits))), bn) * bn
@@ -198,7 +198,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     lse = lse.to(torch.float32).contiguous()
     coef_dense = coef_dense.to(torch.float32).contiguous()
     dummy = lse
-    cfg = configs.choose("dense_grad", hidden.dtype)
+    cfg = configs.choose("dense_grad", hidden.dtype, hidden.device)
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     common = dict(UPCAST=configs.interpreting(), DOT_PRECISION=configs.dot_precision(hidden.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
@@ -231,7 +231,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                              coef_set=coef_set).contiguous()
     j = ids.shape[1]
     if need_hidden:
-        c = configs.choose("sparse_grad_hidden", hidden.dtype)
+        c = configs.choose("sparse_grad_hidden", hidden.dtype, hidden.device)
         grid = (triton.cdiv(n, c.blocks["BLOCK_R"]), triton.cdiv(d, c.blocks["BLOCK_K"]))
         _sparse_grad_hidden_kernel[grid](
             weight, ids, s, d_hidden, n, v, d, j, vocab_start, weight.stride(0), weight.stride(1),
@@ -247,7 +247,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
             seg_id, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
             seg_start = torch.zeros(seg_id.numel() + 1, dtype=torch.int64, device=dev)
             seg_start[1:] = torch.cumsum(counts, 0)
-            c = configs.choose("sparse_grad_weight", hidden.dtype)
+            c = configs.choose("sparse_grad_weight", hidden.dtype, hidden.device)
             u = seg_id.numel()
             grid = (triton.cdiv(u, c.blocks["BLOCK_U"]), triton.cdiv(d, c.blocks["BLOCK_K"]) if need_weight else 1)
             _sparse_grad_weight_kernel[grid](

@@ -25,16 +25,18 @@ class LaunchConfig(NamedTuple):
 
 
 # Matrix kernels. 16-bit inputs: 128 x 128 logit tiles on tensor cores (wgmma on sm_90, mma on sm_80),
-# three stages of 64-wide K slabs (96 KB of shared memory, inside sm_80's 163 KB). float32 inputs use
-# exact ("ieee") products on smaller tiles.
+# three stages of 64-wide K slabs (96 KB of shared memory, inside sm_80's 163 KB). The backward holds
+# the logit tile, its gradient and a product tile at once, so it takes 32-wide K slabs to stay within
+# 255 registers without spilling. float32 inputs use exact ("ieee") FMA products on smaller tiles
+# (larger float32 tiles spill); see `python -m fused_concept.kernels.report`.
 _GPU = {
     "dense_stats": {
         "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
-        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
     },
     "dense_grad": {
-        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 2),
-        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 2),
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 2),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2),
     },
     "sparse_logits": {
         "16bit": LaunchConfig("16bit", {"BLOCK_R": 16, "BLOCK_K": 128}, 4, 1),
@@ -49,6 +51,18 @@ _GPU = {
         "fp32": LaunchConfig("fp32", {"BLOCK_U": 16, "BLOCK_K": 128}, 4, 1),
     },
 }
+
+# Per-architecture replacements (compute capability major * 10). sm_80's mma.sync keeps the 128 x 128
+# accumulator in registers alongside the operand fragments: 32-wide K slabs, four stages, avoid spills.
+_ARCH_OVERRIDES = {
+    80: {
+        "dense_stats": {
+            "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 4),
+        },
+    },
+}
+
+ARCHS = (80, 90)
 
 _INTERPRETER = {
     "dense_stats": LaunchConfig("interpret", {"BLOCK_M": 128, "BLOCK_N": 512, "BLOCK_K": 128}, 4, 1),
@@ -69,16 +83,27 @@ def dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 hidden/weight, got {dtype}")
 
 
-def choose(kernel: str, dtype: torch.dtype) -> LaunchConfig:
+def arch_group(capability) -> int:
+    """(major, minor) or an int like 90 -> the configuration family: 80 for sm_8x, 90 for sm_90 and newer."""
+    major = capability[0] if isinstance(capability, (tuple, list)) else int(capability) // 10
+    return 80 if major < 9 else 90
+
+
+def choose(kernel: str, dtype: torch.dtype, device: torch.device | None = None) -> LaunchConfig:
     cls = dtype_class(dtype)
-    if interpreting():
+    if interpreting() or device is None or device.type != "cuda":
         return _INTERPRETER[kernel]
-    return _GPU[kernel][cls]
+    return config_for(kernel, cls, arch_group(torch.cuda.get_device_capability(device)))
 
 
-def all_configs():
-    """Every (kernel, dtype class) -> LaunchConfig the dispatcher can choose on a GPU."""
-    return {(k, c): cfg for k, by_cls in _GPU.items() for c, cfg in by_cls.items()}
+def config_for(kernel: str, cls: str, arch: int) -> LaunchConfig:
+    override = _ARCH_OVERRIDES.get(arch_group(arch), {}).get(kernel, {}).get(cls)
+    return override if override is not None else _GPU[kernel][cls]
+
+
+def all_configs(arch: int):
+    """Every (kernel, dtype class) -> LaunchConfig the dispatcher can choose on a GPU of this arch."""
+    return {(k, c): config_for(k, c, arch) for k, by_cls in _GPU.items() for c in by_cls}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
