@@ -1,0 +1,196 @@
+"""The implementations the benchmarks compare, the inputs they share, and the float64 oracle.
+
+Every implementation is a function ``loss_fn(hidden, weight, targets, concepts) -> scalar loss``
+computing, with ``reduction="mean"``, ``ntp_weight = concept_weight = 1`` and no margin,
+
+    loss = (1 / N_valid) * sum_{i valid} [ ce_i + cl_i * [row i lists a concept id] ]
+
+where ``ce_i = lse_i - z_{i, y_i}`` and ``cl_i = lse_i - log sum_{t in S_i} exp z_it`` with
+``S_i`` = the row's concept ids plus its gold id (contract, marginal mode). With no concepts
+(``concepts is None``) it is the plain mean cross-entropy, which is what the plain-CE peers
+(PyTorch's chunked ``linear_cross_entropy``, Liger-Kernel, Apple's cut-cross-entropy) compute.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def make_inputs(n, d, v, k, dtype=torch.float32, device="cpu", seed=0, ignored_fraction=0.05,
+                content_fraction=0.5):
+    """Random inputs of one benchmark case (fresh, never zeros).
+
+    ``hidden`` ~ N(0, 1) and ``weight`` ~ N(0, 4/D), so logits have a standard deviation of
+    about 2, like a trained LM head. About ``ignored_fraction`` of the rows carry
+    ``ignore_index``. With ``k > 0`` about ``content_fraction`` of the valid rows list between
+    1 and ``k`` concept ids (the rest are ``-1`` pads); the listed ids are distinct and differ
+    from the gold id, so the naive transcription needs no de-duplication. ``k == 0`` gives
+    ``concepts=None`` (plain cross-entropy).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float32)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float32).mul_(2.0 / d ** 0.5)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < ignored_fraction] = IGNORE_INDEX
+    concepts = None
+    if k > 0:
+        # distinct ids != gold: gold + cumulative positive steps whose total stays below V
+        max_step = max(1, (v - 1) // (k + 1))
+        steps = torch.randint(1, max_step + 1, (n, k), generator=gen)
+        concepts = (targets.clamp_min(0)[:, None] + steps.cumsum(1)) % v
+        listed = torch.randint(1, k + 1, (n,), generator=gen)
+        pad = torch.arange(k)[None, :] >= listed[:, None]
+        no_concept = (torch.rand(n, generator=gen) >= content_fraction) | (targets == IGNORE_INDEX)
+        pad |= no_concept[:, None]
+        concepts[pad] = -1
+        concepts = concepts.to(device)
+    hidden = hidden.to(device=device, dtype=dtype)
+    weight = weight.to(device=device, dtype=dtype)
+    return hidden, weight, targets.to(device), concepts
+
+
+# --------------------------------------------------------------------------------------------
+# float64 oracle, transcribed from the contract's formulas
+# --------------------------------------------------------------------------------------------
+def float64_loss_and_grads(hidden, weight, targets, concepts):
+    """(loss, d_hidden, d_weight) in float64 on the CPU, straight from the contract:
+    ``z = W h``, ``lse = logsumexp(z)``, ``ce = lse - z_y``, ``cl = lse - logsumexp(z[S])``,
+    mean over valid rows. Gradients by float64 autograd through these formulas."""
+    h = hidden.detach().to("cpu", torch.float64).requires_grad_(True)
+    w = weight.detach().to("cpu", torch.float64).requires_grad_(True)
+    y = targets.cpu()
+    valid = y != IGNORE_INDEX
+    z = h @ w.T
+    lse = torch.logsumexp(z, dim=1)
+    ce = lse - z.gather(1, y.clamp_min(0)[:, None])[:, 0]
+    rows = torch.where(valid, ce, torch.zeros_like(ce))
+    if concepts is not None and concepts.shape[1] > 0:
+        c = concepts.cpu()
+        has_set = (c >= 0).any(1) & valid
+        ids = torch.cat([c, y.clamp_min(0)[:, None]], 1)
+        member = torch.cat([c >= 0, torch.ones_like(y, dtype=torch.bool)[:, None]], 1)
+        set_logits = z.gather(1, ids.clamp_min(0)).masked_fill(~member, float("-inf"))
+        cl = lse - torch.logsumexp(set_logits, dim=1)
+        rows = rows + torch.where(has_set, cl, torch.zeros_like(cl))
+    loss = rows.sum() / valid.sum().clamp_min(1)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+# --------------------------------------------------------------------------------------------
+# implementations
+# --------------------------------------------------------------------------------------------
+def naive_concept_loss(hidden, weight, targets, concepts):
+    """The loss the way the paper's training code computes it: full float32 logits, a float32
+    softmax of them, the concept mass gathered from the probabilities, ``-log(mass)`` mixed
+    with the ordinary cross-entropy. Stores several [N, V] float32 tensors for backward."""
+    logits = (hidden @ weight.T).float()
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = targets != IGNORE_INDEX
+    num_valid = valid.sum().clamp_min(1)
+    if concepts is None or concepts.shape[1] == 0:
+        return ce.sum() / num_valid
+    probs = torch.softmax(logits, dim=-1)
+    ids = torch.cat([concepts, targets.clamp_min(0)[:, None]], 1)
+    member = torch.cat([concepts >= 0, torch.ones_like(valid)[:, None]], 1)
+    mass = (probs.gather(1, ids.clamp_min(0)) * member).sum(1)
+    has_set = (concepts >= 0).any(1) & valid
+    cl = torch.where(has_set, -torch.log(mass), torch.zeros_like(mass))
+    return (ce.sum() + cl.sum()) / num_valid
+
+
+def _package_loss(impl):
+    def loss_fn(hidden, weight, targets, concepts):
+        import fused_concept
+
+        return fused_concept.concept_loss(hidden, weight, targets, concepts, impl=impl)
+
+    loss_fn.__name__ = f"concept_loss_{impl}"
+    return loss_fn
+
+
+def _torch_chunked_lce(hidden, weight, targets, concepts):
+    assert concepts is None
+    return F.linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                  reduction="mean", options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _liger_lce(hidden, weight, targets, concepts):
+    assert concepts is None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(weight, hidden, targets)
+
+
+def _cce_lce(hidden, weight, targets, concepts):
+    assert concepts is None
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                reduction="mean")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    loss_fn: Callable
+    description: str
+    concepts: bool          # True: computes the concept loss; False: plain cross-entropy only
+    devices: tuple          # devices it can run on
+    module: Optional[str] = None  # import needed (optional extras)
+
+    def unavailable_reason(self, device):
+        """None when the implementation can run on ``device``, else a short note why not."""
+        if device not in self.devices:
+            return f"requires {' or '.join(self.devices)}"
+        if self.module is not None:
+            try:
+                importlib.import_module(self.module)
+            except Exception as exc:  # ImportError, or a broken install
+                return f"not installed ({self.module}: {type(exc).__name__})"
+        if self.name in ("reference", "torch", "triton"):
+            try:
+                import fused_concept  # noqa: F401
+
+                getattr(fused_concept, "concept_loss")
+            except Exception as exc:
+                return f"fused_concept.concept_loss unavailable ({type(exc).__name__}: {exc})"
+        return None
+
+
+IMPLEMENTATIONS = {
+    impl.name: impl
+    for impl in [
+        Implementation("naive", naive_concept_loss,
+                       "paper-style: explicit fp32 logits + fp32 softmax", True, ("cpu", "cuda")),
+        Implementation("reference", _package_loss("reference"),
+                       "fused_concept.concept_loss(impl='reference')", True, ("cpu", "cuda")),
+        Implementation("torch", _package_loss("torch"),
+                       "fused_concept.concept_loss(impl='torch')", True, ("cpu", "cuda")),
+        Implementation("triton", _package_loss("triton"),
+                       "fused_concept.concept_loss(impl='triton')", True, ("cuda",)),
+        Implementation("torch_lce_chunked", _torch_chunked_lce,
+                       "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
+                       False, ("cpu", "cuda")),
+        Implementation("liger", _liger_lce,
+                       "liger_kernel LigerFusedLinearCrossEntropyLoss", False, ("cuda",),
+                       module="liger_kernel.transformers"),
+        Implementation("cce", _cce_lce,
+                       "cut_cross_entropy.linear_cross_entropy", False, ("cuda",),
+                       module="cut_cross_entropy"),
+    ]
+}
+
+
+def supports(impl_name, k):
+    """Whether implementation ``impl_name`` computes the loss of a case with concept size k."""
+    return IMPLEMENTATIONS[impl_name].concepts or k == 0

@@ -1,0 +1,311 @@
+"""Measuring one benchmark case: time, memory and accuracy.
+
+A case is a plain dict (JSON-able), e.g.::
+
+    {"impl": "torch", "n": 2048, "d": 576, "v": 49152, "k": 11, "dtype": "float32",
+     "device": "cpu", "warmup": 0, "repeats": 3, "fwd_repeats": 1, "seed": 0}
+
+``repeats`` counts the timed forward+backward calls, ``fwd_repeats`` (default: ``repeats``)
+the timed forward-only calls, each after ``warmup`` untimed calls.
+
+``measure_case(case)`` runs it in the current process and returns a result dict. On the CPU
+the runner calls it in a fresh child process per case (``run_case_in_child``) so that the
+process's peak resident set size belongs to that case alone. See docs/benchmarks.md for the
+memory method.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+import traceback
+
+import torch
+
+from benchmarks._impls import IMPLEMENTATIONS, float64_loss_and_grads, make_inputs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIB = 2.0 ** 20
+
+
+# --------------------------------------------------------------------------------------------
+# CPU resident memory of this process (Linux /proc)
+# --------------------------------------------------------------------------------------------
+def current_rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    """The kernel's high-water mark of this process's resident set (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs).
+    Returns False where the kernel refuses; then only the first measured run is exact."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _is_oom(exc):
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text
+        or "cannot allocate memory" in text or isinstance(exc, MemoryError))
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def summarize_times(times):
+    """median and spread (min, max, and the relative half-range) of repeat times in seconds."""
+    if not times:
+        return None
+    med = statistics.median(times)
+    return {"times_s": times, "median_s": med, "min_s": min(times), "max_s": max(times),
+            "spread_rel": (max(times) - min(times)) / (2 * med) if med > 0 else 0.0}
+
+
+def flops_fwd(n, d, v):
+    return 2.0 * n * d * v
+
+
+def flops_fwd_bwd(n, d, v):
+    """6*N*D*V: the forward GEMM plus the dh and dW GEMMs (recomputation is not counted)."""
+    return 6.0 * n * d * v
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+def _phase(fn, hidden, weight, targets, concepts, *, backward, device, warmup, repeats,
+           mem_base):
+    """Run ``warmup + repeats`` calls; return (times of the repeats, peak memory above
+    ``mem_base`` over the repeats in bytes, or None when it cannot be measured)."""
+    times, peaks = [], []
+    for r in range(warmup + repeats):
+        hidden.grad = None
+        weight.grad = None
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            exact = True
+        else:
+            exact = reset_peak_rss() or r == 0
+        _sync(device)
+        t0 = time.perf_counter()
+        if backward:
+            loss = fn(hidden, weight, targets, concepts)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                loss = fn(hidden, weight, targets, concepts)
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
+        if not torch.isfinite(loss.detach()).item():
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+        del loss
+        if r >= warmup:
+            times.append(elapsed)
+            if exact:
+                peaks.append(peak - mem_base)
+    hidden.grad = None
+    weight.grad = None
+    return times, (max(peaks) if peaks else None)
+
+
+def measure_case(case):
+    """Time and memory of one (implementation, shape, dtype) case, in this process."""
+    result = dict(case)
+    impl = IMPLEMENTATIONS[case["impl"]]
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    n, d, v, k = case["n"], case["d"], case["v"], case["k"]
+    reason = impl.unavailable_reason(device)
+    if reason is not None:
+        result.update(status="skipped", note=reason)
+        return result
+    try:
+        # warm-up at a tiny shape: library initialisation, thread pools, code paths
+        small = make_inputs(64, min(d, 64), min(v, 512), k, dtype, device, seed=1)
+        hs, ws = small[0].requires_grad_(True), small[1].requires_grad_(True)
+        impl.loss_fn(hs, ws, small[2], small[3]).backward()
+        with torch.no_grad():
+            impl.loss_fn(hs, ws, small[2], small[3])
+        del small, hs, ws
+        gc.collect()
+        _sync(device)
+
+        hidden, weight, targets, concepts = make_inputs(n, d, v, k, dtype, device,
+                                                        seed=case.get("seed", 0))
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            base_inputs = torch.cuda.memory_allocated()
+        else:
+            base_inputs = current_rss_bytes()
+        fwd_times, fwd_peak = _phase(impl.loss_fn, hidden, weight, targets, concepts,
+                                     backward=False, device=device, warmup=case["warmup"],
+                                     repeats=case.get("fwd_repeats", case["repeats"]),
+                                     mem_base=base_inputs)
+        # the gradients' own memory is not transient: count it in the baseline by holding
+        # zero-filled tensors of their size while the baseline is read, then freeing them
+        gc.collect()
+        if device == "cuda":
+            grad_bytes = (hidden.numel() * hidden.element_size()
+                          + weight.numel() * weight.element_size())
+            base_grads = torch.cuda.memory_allocated() + grad_bytes
+        else:
+            dummies = (torch.zeros_like(hidden), torch.zeros_like(weight))
+            base_grads = current_rss_bytes()
+            del dummies
+        bwd_times, bwd_peak = _phase(impl.loss_fn, hidden, weight, targets, concepts,
+                                     backward=True, device=device, warmup=case["warmup"],
+                                     repeats=case["repeats"], mem_base=base_grads)
+    except Exception as exc:  # recorded, never dropped
+        if _is_oom(exc):
+            result.update(status="OOM", note=f"{type(exc).__name__}: {str(exc)[:200]}")
+        else:
+            result.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}",
+                          traceback=traceback.format_exc()[-2000:])
+        return result
+    fwd, bwd = summarize_times(fwd_times), summarize_times(bwd_times)
+    result.update(
+        status="ok",
+        fwd=fwd,
+        fwd_bwd=bwd,
+        tflops_fwd=flops_fwd(n, d, v) / fwd["median_s"] / 1e12,
+        tflops_fwd_bwd=flops_fwd_bwd(n, d, v) / bwd["median_s"] / 1e12,
+        mem_fwd_peak_above_inputs_mib=None if fwd_peak is None else max(fwd_peak, 0) / MIB,
+        mem_fwd_bwd_transient_mib=None if bwd_peak is None else max(bwd_peak, 0) / MIB,
+        mem_fwd_bwd_peak_above_inputs_mib=(None if bwd_peak is None else
+                                           max(bwd_peak + base_grads - base_inputs, 0) / MIB),
+        mem_method=("cuda allocator peak (max_memory_allocated)" if device == "cuda"
+                    else "VmHWM of a fresh child process, reset per repeat"),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy against float64
+# --------------------------------------------------------------------------------------------
+def _max_rel(a, ref):
+    a = a.detach().to("cpu", torch.float64)
+    scale = ref.abs().max().item()
+    return (a - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def accuracy_case(case):
+    """Loss and gradient error of one implementation against the float64 oracle.
+
+    loss error: |loss - loss64| / |loss64|; gradient errors: max|g - g64| / max|g64| for
+    d_hidden and d_weight (a normalised max-norm error)."""
+    result = dict(case)
+    impl = IMPLEMENTATIONS[case["impl"]]
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    reason = impl.unavailable_reason(device)
+    if reason is not None:
+        result.update(status="skipped", note=reason)
+        return result
+    hidden, weight, targets, concepts = make_inputs(case["n"], case["d"], case["v"], case["k"],
+                                                    dtype, device, seed=case.get("seed", 0))
+    loss64, dh64, dw64 = float64_loss_and_grads(hidden, weight, targets, concepts)
+    try:
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+        loss = impl.loss_fn(hidden, weight, targets, concepts)
+        loss.backward()
+    except Exception as exc:
+        result.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return result
+    result.update(
+        status="ok",
+        loss=loss.item(),
+        loss_float64=loss64.item(),
+        loss_rel_err=abs(loss.item() - loss64.item()) / abs(loss64.item()),
+        d_hidden_err=_max_rel(hidden.grad, dh64),
+        d_weight_err=_max_rel(weight.grad, dw64),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# fresh child process per case (CPU memory)
+# --------------------------------------------------------------------------------------------
+def _child_entry(case, conn):
+    try:
+        conn.send(measure_case(case))
+    except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+        conn.send(dict(case, status="error", note=f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+_CONTEXT = None
+
+
+def _context():
+    """A forkserver context whose server has imported torch once, so each case's child
+    starts from a fresh process (fresh heap) without paying the torch import again."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        preload = ["torch", "benchmarks._impls", "benchmarks._measure"]
+        try:
+            import fused_concept  # noqa: F401
+
+            preload.append("fused_concept")
+        except Exception:
+            pass
+        ctx.set_forkserver_preload(preload)
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def run_case_in_child(case, timeout_s):
+    """``measure_case(case)`` in a fresh child process. A child killed by a signal (the
+    kernel's OOM killer sends SIGKILL) is recorded as OOM; one past ``timeout_s`` as timeout."""
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_entry, args=(case, send), daemon=True)
+    proc.start()
+    send.close()
+    result = None
+    if recv.poll(timeout_s):
+        try:
+            result = recv.recv()
+        except EOFError:
+            result = None
+    proc.join(timeout=5 if result is not None else 0.1)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        if result is None:
+            return dict(case, status="timeout", note=f"no result within {timeout_s:.0f} s")
+    if result is None:
+        code = proc.exitcode
+        if code is not None and code < 0 and -code == 9:
+            return dict(case, status="OOM",
+                        note="child killed by SIGKILL (the kernel's OOM killer)")
+        return dict(case, status="error", note=f"child exited with code {code} and no result")
+    return result
