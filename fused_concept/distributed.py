@@ -36,6 +36,7 @@ gradient on every rank); `hidden.requires_grad` must agree across ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -85,26 +86,27 @@ def _group_rank(group) -> int:
 
 def _describe(hidden: Tensor, weight: Tensor, bias, targets, concepts) -> list:
     """The integers each rank publishes: [shard rows, D, rows of hidden, K, bias length, dtype]."""
-    rows = 1
-    for s in hidden.shape[:-1]:
-        rows *= s
+    rows = -1
+    if isinstance(hidden, Tensor) and hidden.dim() >= 2:
+        rows = math.prod(hidden.shape[:-1])
+    matrix = isinstance(weight, Tensor) and weight.dim() == 2
     return [
-        weight.shape[0] if weight.dim() == 2 else -1,
-        weight.shape[1] if weight.dim() == 2 else -1,
-        rows if hidden.dim() >= 2 else -1,
+        weight.shape[0] if matrix else -1,
+        weight.shape[1] if matrix else -1,
+        rows,
         concepts.shape[-1] if isinstance(concepts, Tensor) and concepts.dim() > 0 else -1,
         bias.shape[0] if isinstance(bias, Tensor) and bias.dim() == 1 else (-1 if bias is None else -2),
-        _DTYPE_CODES.get(weight.dtype, 0),
+        _DTYPE_CODES.get(weight.dtype, 0) if matrix else 0,
     ]
 
 
-def _check_table(table: list, rank: int) -> None:
+def _check_table(table: list) -> None:
     """Raise the same error on every rank when the published descriptions disagree."""
     names = ("weight_shard rows", "weight_shard's hidden size D", "rows of hidden", "concepts' K",
              "bias length", "weight dtype")
     for r, row in enumerate(table):
         if row[0] < 0:
-            raise ValueError(f"weight_shard on rank {r} of the group must be 2-D [V_shard, D]")
+            raise ValueError(f"weight_shard on rank {r} of the group must be a 2-D tensor [V_shard, D]")
     for col in (1, 2, 3, 5):
         values = [row[col] for row in table]
         if len(set(values)) > 1:
@@ -121,12 +123,12 @@ def _check_table(table: list, rank: int) -> None:
 def _exchange(hidden, weight, bias, targets, concepts, group) -> ShardLayout:
     rank = _group_rank(group)
     world = dist.get_world_size(group)
-    mine = torch.tensor(_describe(hidden, weight, bias, targets, concepts), dtype=torch.int64,
-                        device=hidden.device)
+    device = hidden.device if isinstance(hidden, Tensor) else None
+    mine = torch.tensor(_describe(hidden, weight, bias, targets, concepts), dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     table = [t.tolist() for t in every]
-    _check_table(table, rank)
+    _check_table(table)
     sizes = tuple(row[0] for row in table)
     return ShardLayout(rank=rank, sizes=sizes, vocab_start=sum(sizes[:rank]), vocab_size=sum(sizes))
 
@@ -310,22 +312,18 @@ def vocab_parallel_concept_loss(hidden: Tensor, weight_shard: Tensor, targets: T
     rank. Backward: d_hidden is all-reduced (the same on every rank), d_weight_shard / d_bias stay local.
     """
     layout = _exchange(hidden, weight_shard, bias, targets, concepts, group)
-    path = _path(impl, hidden.device)
-    if weight_shard.shape[0] == 0:
-        # prepare() validates the replicated inputs against the global V; give it a one-row stand-in
-        stand_in_bias = None if bias is None else bias.new_zeros(1)
-        canon = prepare(hidden, weight_shard.new_zeros(1, weight_shard.shape[1]), targets, concepts,
-                        bias=stand_in_bias, ntp_weight=ntp_weight, concept_weight=concept_weight,
-                        margin=margin, mode=mode, concept_probs=concept_probs, include_target=include_target,
-                        ignore_index=ignore_index, reduction=reduction, softcap=softcap, z_loss=z_loss,
-                        vocab_size=layout.vocab_size)
+    empty = weight_shard.shape[0] == 0
+    # prepare() validates the replicated inputs against the global V; a block with no rows lends it a
+    # one-row stand-in (prepare refuses an empty head) and takes its own place back afterwards
+    head = weight_shard.new_zeros(1, weight_shard.shape[1]) if empty else weight_shard
+    head_bias = bias.new_zeros(1) if empty and bias is not None else bias
+    canon = prepare(hidden, head, targets, concepts, bias=head_bias, ntp_weight=ntp_weight,
+                    concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
+                    include_target=include_target, ignore_index=ignore_index, reduction=reduction,
+                    softcap=softcap, z_loss=z_loss, vocab_size=layout.vocab_size)
+    if empty:
         canon = dataclasses.replace(canon, weight=weight_shard, bias=bias)
-    else:
-        canon = prepare(hidden, weight_shard, targets, concepts, bias=bias, ntp_weight=ntp_weight,
-                        concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
-                        include_target=include_target, ignore_index=ignore_index, reduction=reduction,
-                        softcap=softcap, z_loss=z_loss, vocab_size=layout.vocab_size)
-    options = {"path": path, "softcap": None if softcap is None else float(softcap),
+    options = {"path": _path(impl, hidden.device), "softcap": None if softcap is None else float(softcap),
                "margin": None if margin is None else float(margin), "z_loss": float(z_loss)}
     rows, ce, mass, lse, argmax = _VocabParallelRows.apply(canon.hidden, canon.weight, canon.bias, canon,
                                                            layout, group, options)
