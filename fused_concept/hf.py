@@ -177,7 +177,6 @@ def check_head(model, input_ids=None, *, atol=1e-4, rtol=1e-4) -> float:
 
 _PATCH_FLAG = "_fused_concept_patch"
 
-_OBJECTIVE_ONLY = ("lam", "margin", "num_content", "include_target", "mode")
 _KNOWN_OPTIONS = {"lam", "margin", "impl", "z_loss", "ignore_index", "include_target", "mode"}
 
 
@@ -219,12 +218,15 @@ def patch(model, **loss_options):
       token ``labels[b, t]``) and shifted the same way; labels equal to ``ignore_index`` (-100) are dropped.
       A ``shift_labels`` keyword (already shifted labels, as transformers accepts) skips the shift.
     * with ``concepts``: ``loss = fused_concept.concept_objective(...)`` (the paper's objective, with
-      ``lam`` and ``margin`` from ``loss_options``, defaults 0.5 and 0.6);
+      ``lam`` and ``margin`` from ``loss_options``, defaults 0.5 and 0.6); with ``mode="soft"`` (or
+      ``concept_probs``) or ``include_target=False``, the same per-row weights
+      (``fused_concept._objective.paper_weights``) around ``concept_loss`` with those options;
       without: plain fused cross-entropy, ``fused_concept.concept_loss(..., reduction="mean")``.
       ``num_items_in_batch`` (the Trainer's global count of label tokens) turns the mean into
       sum / num_items_in_batch, like transformers, and is the objective's ``num_valid``.
     * returns the model's usual output type with ``.loss``; ``logits`` is None unless ``return_logits``.
     * without ``labels`` it is the original forward (logits included), so ``generate`` keeps working.
+    * ``concept_probs`` (same shape as ``concepts``) selects the soft mode unless ``mode`` says otherwise.
 
     ``loss_options``: ``lam``, ``margin``, ``impl``, ``z_loss``, ``ignore_index``, ``include_target``,
     ``mode``. Works on PEFT-wrapped models too (the inner model is patched).
@@ -318,15 +320,25 @@ def _patched_forward(
     impl = options.pop("impl", "auto")
     z_loss = options.pop("z_loss", 0.0)
     if concepts is not None:
-        extra = {}
+        lam, margin = options.pop("lam", 0.5), options.pop("margin", 0.6)
         if concept_probs is not None:
-            extra["concept_probs"] = concept_probs
-        loss = fused_concept.concept_objective(
-            hidden_rows, weight, targets, concepts,
-            lam=options.pop("lam", 0.5), margin=options.pop("margin", 0.6),
-            ignore_index=ignore_index, impl=impl, bias=bias, softcap=softcap, z_loss=z_loss,
-            num_valid=num_items_in_batch, **options, **extra,
-        )
+            if options.setdefault("mode", "soft") != "soft":
+                raise ValueError(f'concept_probs need mode="soft", but the model was patched with mode={options["mode"]!r}')
+        if options:  # soft mode or include_target=False: the paper's weights around concept_loss
+            from fused_concept._objective import paper_weights
+
+            ntp_weight, concept_weight = paper_weights(targets, concepts, lam, ignore_index, num_valid=num_items_in_batch)
+            loss = fused_concept.concept_loss(
+                hidden_rows, weight, targets, concepts, ntp_weight=ntp_weight.reshape(targets.shape),
+                concept_weight=concept_weight.reshape(targets.shape), margin=margin, concept_probs=concept_probs,
+                ignore_index=ignore_index, reduction="sum", impl=impl, bias=bias, softcap=softcap, z_loss=z_loss,
+                **options,
+            )
+        else:
+            loss = fused_concept.concept_objective(
+                hidden_rows, weight, targets, concepts, lam=lam, margin=margin, ignore_index=ignore_index,
+                impl=impl, bias=bias, softcap=softcap, z_loss=z_loss, num_valid=num_items_in_batch,
+            )
     else:
         if concept_probs is not None:
             raise ValueError("concept_probs were given without concepts")

@@ -158,7 +158,7 @@ def test_tied_embedding_gets_both_gradients():
     assert grads[name].grad[head_only].abs().sum() > 0
 
 
-def _paper_objective_float64(hidden, weight, bias, cap, targets, concepts, lam, margin):
+def _paper_objective_float64(hidden, weight, bias, cap, targets, concepts, lam, margin, probs=None):
     """The contract's paper objective from contract_loss rows (reduction sum with per-row weights)."""
     valid = targets != -100
     content = valid & (concepts != -1).any(-1)
@@ -166,12 +166,13 @@ def _paper_objective_float64(hidden, weight, bias, cap, targets, concepts, lam, 
     alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double()
     beta = torch.where(content, lam / max(n_content, 1), 0.0).double()
     loss, _ = contract_loss(hidden, weight, targets, concepts, bias=bias, ntp_weight=alpha, concept_weight=beta,
-                            margin=margin, reduction="sum", softcap=cap)
+                            margin=margin, reduction="sum", softcap=cap,
+                            mode="marginal" if probs is None else "soft", concept_probs=probs)
     return loss
 
 
-@pytest.mark.parametrize("arch", ["llama-tied", "gemma2-softcap"])
-def test_patched_concept_objective_matches_float64(arch):
+@pytest.mark.parametrize("arch,soft", [("llama-tied", False), ("gemma2-softcap", False), ("llama", True)])
+def test_patched_concept_objective_matches_float64(arch, soft):
     model = _make(arch)
     ids, mask, labels = _batch(seed=3)
     g = torch.Generator().manual_seed(4)
@@ -181,15 +182,17 @@ def test_patched_concept_objective_matches_float64(arch):
     concepts[0, 3, 2] = labels[0, 3]  # the gold id listed
     concepts[:, :, 2][concepts[:, :, 2] % 2 == 0] = -1  # some pads inside rows
     lam, margin = 0.3, 0.6
+    probs = torch.rand(concepts.shape, generator=g) * (concepts != -1) if soft else None
 
     ref = copy.deepcopy(model).double()
     hidden, weight, bias, cap = hf.hidden_and_head(ref, ids, attention_mask=mask)
-    ref_loss = _paper_objective_float64(hidden[:, :-1], weight, bias, cap, labels[:, 1:], concepts[:, 1:], lam, margin)
+    ref_loss = _paper_objective_float64(hidden[:, :-1], weight, bias, cap, labels[:, 1:], concepts[:, 1:], lam, margin,
+                                        None if probs is None else probs[:, 1:].double())
     ref_loss.backward()
     ref_grads = _grads(ref)
 
     hf.patch(model, lam=lam, margin=margin)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, concepts=concepts)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, concepts=concepts, concept_probs=probs)
     assert out.logits is None
     assert abs(out.loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     out.loss.backward()
@@ -198,6 +201,10 @@ def test_patched_concept_objective_matches_float64(arch):
     # the concept term is really there: plain CE is a different number
     plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert abs(plain.item() - out.loss.item()) > 1e-3
+    if soft:
+        hf.patch(model, mode="marginal")
+        with pytest.raises(ValueError, match='concept_probs need mode="soft"'):
+            model(input_ids=ids, labels=labels, concepts=concepts, concept_probs=probs)
 
 
 def test_num_items_in_batch_and_tuple_output():
