@@ -36,9 +36,13 @@ def make_inputs(n, d, v, k, dtype=torch.float32, device="cpu", seed=0, ignored_f
     from the gold id, so the naive transcription needs no de-duplication. ``k == 0`` gives
     ``concepts=None`` (plain cross-entropy).
     """
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=gen, dtype=torch.float32)
-    weight = torch.randn(v, d, generator=gen, dtype=torch.float32).mul_(2.0 / d ** 0.5)
+    # the float tensors are drawn on the device itself (drawing a 2 GB head on the host and
+    # copying it would dominate a GPU run); the integer inputs on the host
+    float_gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, d, generator=float_gen, dtype=torch.float32, device=device)
+    weight = torch.randn(v, d, generator=float_gen, dtype=torch.float32, device=device)
+    weight.mul_(2.0 / d ** 0.5)
+    gen = torch.Generator().manual_seed(seed + 1)
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[torch.rand(n, generator=gen) < ignored_fraction] = IGNORE_INDEX
     concepts = None
@@ -53,8 +57,8 @@ def make_inputs(n, d, v, k, dtype=torch.float32, device="cpu", seed=0, ignored_f
         pad |= no_concept[:, None]
         concepts[pad] = -1
         concepts = concepts.to(device)
-    hidden = hidden.to(device=device, dtype=dtype)
-    weight = weight.to(device=device, dtype=dtype)
+    hidden = hidden.to(dtype)
+    weight = weight.to(dtype)
     return hidden, weight, targets.to(device), concepts
 
 

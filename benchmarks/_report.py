@@ -114,6 +114,8 @@ def markdown_report(report):
     ]
     if report.get("headline_summary"):
         lines += ["## Headline comparison", "", "```"] + report["headline_summary"] + ["```", ""]
+    for plot in report.get("plots") or []:
+        lines += [f"![{plot[:-4].replace('_', ' ')}]({plot})", ""]
     lines += [
         "## Cases",
         "",

@@ -41,7 +41,7 @@ def _ratio_line(text, num, den, field, limit, unit_key):
     b = den[field] if unit_key is None else den[field][unit_key]
     if a is None or b is None:
         return f"{text}: n/a (not measured)", None
-    ratio = a / b if b > 0 else float("inf")
+    ratio = a / b if b > 0 else (1.0 if a <= 0 else float("inf"))
     verdict = "" if limit is None else ("  PASS" if ratio <= limit else "  FAIL")
     bound = "" if limit is None else f" (target <= {limit:g}x)"
     return f"{text}: {ratio:.3f}x{bound}{verdict}", ratio
@@ -100,6 +100,13 @@ def headline_summary(cases):
     return lines, ratios
 
 
+def _write_json(path, report):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _fmt_mib(x):
     return "   n/a" if x is None else f"{x:8.1f} MiB"
 
@@ -117,6 +124,9 @@ def parse_args(argv):
                         "sweep_dtype); default all")
     p.add_argument("--case-timeout", type=float, default=1200.0,
                    help="seconds before a CPU case's child is killed (recorded as timeout)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds after which no new case is started (the rest are recorded "
+                        "as skipped); the JSON is rewritten after every case")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
@@ -157,9 +167,13 @@ def main(argv=None):
         if reason is not None:
             print(f"[bench] {name}: skipped ({reason})", flush=True)
 
+    json_path = os.path.join(args.out, "results.json")
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
-        if IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device) is not None:
+        if args.time_budget is not None and t0 - started > args.time_budget:
+            result = dict(case, status="skipped",
+                          note=f"time budget of {args.time_budget:.0f} s spent")
+        elif IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device) is not None:
             result = dict(case, status="skipped",
                           note=IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device))
         elif args.device == "cpu":
@@ -178,18 +192,19 @@ def main(argv=None):
         print(f"[bench {i + 1}/{len(cases)}] {case['group']} {case['impl']} N={case['n']} "
               f"D={case['d']} V={case['v']} K={case['k']} {case['dtype']}: {result['status']} "
               f"{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        _write_json(json_path, dict(report, partial=True, wall_time_s=time.perf_counter() - started))
 
     for check in checks:
         report["accuracy"].append(accuracy_case(check))
 
     report["headline_summary"], report["headline_ratios"] = headline_summary(report["cases"])
     report["wall_time_s"] = time.perf_counter() - started
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    report["plots"] = [] if args.no_plots else [
+        os.path.basename(p) for p in plot_sweeps(report, args.out)]
+    report["partial"] = False
+    _write_json(json_path, report)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown_report(report))
-    if not args.no_plots:
-        report["plots"] = plot_sweeps(report, args.out)
     print("\n".join(report["headline_summary"]))
     print(f"[bench] wrote {args.out}/results.json, results.md; wall time "
           f"{report['wall_time_s']:.0f} s", flush=True)
