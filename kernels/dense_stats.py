@@ -69,8 +69,10 @@ def _dense_stats_kernel(
             acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
 
-        tile_max = tl.max(acc, axis=1)
-        tile_arg = tl.argmax(acc, axis=1, tie_break_left=True).to(tl.int64) + v0
+        # NaN logits (NaN / inf inputs) are left out of max / argmax but reach the sum, so lse is NaN
+        ranked = tl.where(acc == acc, acc, float("-inf"))
+        tile_max = tl.max(ranked, axis=1)
+        tile_arg = tl.argmax(ranked, axis=1, tie_break_left=True).to(tl.int64) + v0
         new_max = tl.maximum(run_max, tile_max)
         # rows whose running max is still -inf (cannot happen for a non-empty slice, but keeps exp finite)
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)

@@ -218,3 +218,131 @@ def test_stats_and_grads_match_float64(name, shape, k, dtype, opts):
     c = make_case(n, v, d, k, dtype=dtype, seed=hash(name) % 10_000, **make)
     check_stats(c, softcap, dtype, **stats_kw)
     check_grads(c, softcap, dtype, **opts)
+
+
+# ------------------------------------------------------------------------------ through the public API
+import fused_concept as fc  # noqa: E402
+from contract import as_float64, contract_loss, rel_err  # noqa: E402
+from test_core import check_against_contract, make_inputs  # noqa: E402
+
+E2E_CASES = [
+    dict(mode="marginal", reduction="mean"),
+    dict(mode="marginal", margin=0.6, reduction="none", include_target=False),
+    dict(mode="soft", reduction="sum", z_loss=1e-3),
+    dict(mode="soft", margin=0.6, reduction="mean", softcap=12.0),
+    dict(mode="marginal", reduction="sum", softcap=8.0, z_loss=1e-4, ntp_weight=0.3, concept_weight=2.0),
+]
+
+
+@pytest.mark.parametrize("opts", E2E_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_concept_loss_triton_matches_contract(opts):
+    h, w, b, y, c, p = make_inputs(seed=len(str(opts)), probs=opts.get("mode") == "soft")
+    if opts.get("mode") != "soft":
+        p = None
+    check_against_contract("triton", h, w, b, y, c, p, **opts)
+
+
+def test_concept_loss_triton_bfloat16_and_frozen_head():
+    h, w, b, y, c, _ = make_inputs(seed=3, dtype=torch.bfloat16)
+    check_against_contract("triton", h, w, b, y, c, tol=1e-2, grad_tol=2e-2, margin=0.05, reduction="sum")
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    check_against_contract("triton", h, w, b, y, c, tol=1e-2, grad_tol=2e-2, reduction="mean")
+
+
+def test_concept_objective_triton_matches_torch_path():
+    h, w, b, y, c, _ = make_inputs(seed=11, bias=False)
+    got = fc.concept_objective(h, w, y, c, lam=0.4, margin=0.3, impl="triton")
+    want = fc.concept_objective(h, w, y, c, lam=0.4, margin=0.3, impl="torch")
+    assert rel_err(got, want) < 2e-5
+    g_got = torch.autograd.grad(got, (h, w))
+    g_want = torch.autograd.grad(want, (h, w))
+    for a, e in zip(g_got, g_want):
+        assert rel_err(a, e) < 1e-4
+
+
+def test_nan_in_hidden_gives_nan_loss():
+    h, w, b, y, c, _ = make_inputs(seed=5)
+    h = h.detach().clone()
+    h[4, 7] = float("nan")
+    assert torch.isnan(fc.concept_loss(h, w, y, c, bias=b, impl="triton"))
+    h[4, 7] = float("inf")
+    assert torch.isnan(fc.concept_loss(h, w, y, c, bias=b, impl="triton"))
+
+
+# --------------------------------------------------------------------- determinism, layout, ties, errors
+def test_same_inputs_give_bitwise_same_outputs():
+    c = make_case(37, 1001, 48, 6, dtype=torch.float32, seed=21, bias=True)
+    first = check_grads(c, None, torch.float32)
+    again = check_grads(c, None, torch.float32)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    s1 = triton_partial_stats(*shard_args(c), vocab_start=0, softcap=None)
+    s2 = triton_partial_stats(*shard_args(c), vocab_start=0, softcap=None)
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
+def test_strided_inputs_give_the_contiguous_result():
+    c = make_case(37, 1001, 48, 5, dtype=torch.float32, seed=8, bias=True)
+    args = shard_args(c)
+    h_t = args[0].t().contiguous().t()  # column-major hidden
+    w_wide = torch.zeros(args[1].shape[0], 2 * args[1].shape[1], dtype=args[1].dtype, device=DEVICE)
+    w_wide[:, ::2] = args[1]
+    w_strided = w_wide[:, ::2]  # stride (2D, 2)
+    b_wide = torch.zeros(2 * args[2].shape[0], device=DEVICE)
+    b_wide[::2] = args[2]
+    strided = [h_t, w_strided, b_wide[::2]] + args[3:]
+    assert not h_t.is_contiguous() and not w_strided.is_contiguous()
+    a = triton_partial_stats(*args, vocab_start=0, softcap=None)
+    s = triton_partial_stats(*strided, vocab_start=0, softcap=None)
+    for x, y in zip(a, s):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+    kw = dict(vocab_start=0, softcap=None, lse=a.lse, set_lse=a.set_lse, coef_dense=c["coef_dense"],
+              coef_target=c["coef_target"], coef_set=c["coef_set"])
+    for x, y in zip(triton_shard_grads(*args, **kw), triton_shard_grads(*strided, **kw)):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_argmax_ties_take_the_lowest_id_across_vocab_slices():
+    # small integers: every logit is exact, so ties are exact; slice boundaries at 512-multiples
+    g = torch.Generator().manual_seed(2)
+    n, v, d = 20, 1600, 32
+    h = torch.randint(-2, 3, (n, d), generator=g).float()
+    w = torch.randint(-2, 3, (v, d), generator=g).float()
+    w[1500] = w[700] = w[300] = 10.0  # the same maximal row three times, in three different slices
+    for splits in (1, 3):
+        st = triton_partial_stats(h.to(DEVICE), w.to(DEVICE), None, torch.zeros(n, dtype=torch.long, device=DEVICE),
+                                  torch.full((n, 0), -1, dtype=torch.long, device=DEVICE), None, None,
+                                  vocab_start=100, softcap=None, vocab_splits=splits)
+        z = h.double() @ w.double().t()
+        want = z.argmax(1) + 100  # torch returns the first maximal index
+        assert torch.equal(st.argmax.cpu(), want), splits
+        assert torch.allclose(st.lse.cpu().double(), torch.logsumexp(z, 1), atol=1e-5, rtol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    c = make_case(8, 64, 16, 2, dtype=torch.float32, seed=1)
+    args = shard_args(c)
+    with pytest.raises(TypeError, match="same dtype"):
+        triton_partial_stats(args[0], args[1].double(), *args[2:], vocab_start=0, softcap=None)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        triton_partial_stats(args[0].double(), args[1].double(), *args[2:], vocab_start=0, softcap=None)
+    with pytest.raises(ValueError, match="share D"):
+        triton_partial_stats(args[0][:, :8], *args[1:], vocab_start=0, softcap=None)
+    with pytest.raises(ValueError, match="softcap"):
+        triton_partial_stats(*args, vocab_start=0, softcap=-1.0)
+
+
+def test_tile_filter_is_a_switch_with_a_bounded_effect():
+    """filter_eps drops whole dense tiles whose |coef * softmax| is below it: tiny eps changes
+    nothing measurable here, a huge eps drops the dense term entirely (so the switch is live)."""
+    c = make_case(37, 1001, 48, 3, dtype=torch.float32, seed=4)
+    exact = check_grads(c, None, torch.float32)
+    tiny = check_grads(c, None, torch.float32, filter_eps=1e-30)
+    assert exact[2] is None and tiny[2] is None  # no bias
+    for a, b in zip(exact[:2], tiny[:2]):
+        assert torch.equal(a, b)
+    want = oracle_grads(c, None)
+    with pytest.raises(AssertionError, match="d_hidden"):
+        check_grads(c, None, torch.float32, filter_eps=1e9)
+    assert want["dh"].abs().max() > 0
