@@ -38,7 +38,7 @@ def _headline_cases(shape, dtype, device, impls_k, impls_ce, warmup, repeats,
 
 def cpu_plan(quick):
     """CPU cases. Quick: the headline comparisons (forward+backward median of 3, forward
-    timed once) plus small sweeps (3 and 3), sized for 5 minutes on 2 idle cores.
+    timed once) plus small sweeps (3 and 2), sized for about 5 minutes on 2 idle cores.
     Full: more points, all implementations, one full-size warm-up, 5 repeats of each."""
     dev = "cpu"
     h = CPU_HEADLINE
@@ -49,15 +49,18 @@ def cpu_plan(quick):
         d = h["d"]
         for n in (256, 512):                         # N sweep at the headline V
             for impl in ("naive", "torch"):
-                cases.append(_case("sweep_n", impl, n, d, h["v"], HEADLINE_K, "float32", dev, w, r))
+                cases.append(_case("sweep_n", impl, n, d, h["v"], HEADLINE_K, "float32", dev, w, r,
+                                   fwd_repeats=2))
         for v in (6144, 12288):                      # V sweep at the headline N
             for impl in ("naive", "torch"):
-                cases.append(_case("sweep_v", impl, h["n"], d, v, HEADLINE_K, "float32", dev, w, r))
+                cases.append(_case("sweep_v", impl, h["n"], d, v, HEADLINE_K, "float32", dev, w, r,
+                                   fwd_repeats=2))
         for k in (0, 1, 32):                         # K sweep (11 is in the V sweep)
-            cases.append(_case("sweep_k", "torch", h["n"], d, 6144, k, "float32", dev, w, r))
+            cases.append(_case("sweep_k", "torch", h["n"], d, 6144, k, "float32", dev, w, r,
+                               fwd_repeats=2))
         for impl in ("naive", "torch"):              # dtype
             cases.append(_case("sweep_dtype", impl, h["n"], d, 6144, HEADLINE_K, "bfloat16",
-                               dev, w, r))
+                               dev, w, r, fwd_repeats=2))
         return cases
     w, r = 1, 5
     cases = _headline_cases(h, "float32", dev, ("naive", "reference", "torch"),
@@ -124,7 +127,7 @@ def accuracy_plan(device, smoke=False):
     float32 and bfloat16 (float32 only in the smoke plan)."""
     n, d, v = (64, 32, 512) if smoke else (256, 64, 4096)
     dtypes = ("float32",) if smoke else ("float32", "bfloat16")
-    impls = ("naive", "torch", "torch_lce_chunked") if smoke else CONCEPT_IMPLS + PLAIN_CE_PEERS
+    impls = ("naive", "torch") if smoke else CONCEPT_IMPLS + PLAIN_CE_PEERS
     cases = []
     for dtype in dtypes:
         for impl in impls:
