@@ -130,8 +130,8 @@ def hidden_and_head(model, input_ids=None, attention_mask=None, **kw):
 def _run_base(model, input_ids, attention_mask, kw):
     model = _unwrap_peft(model)
     base = _base_model(model)
-    outputs = base(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kw)
-    hidden = outputs.last_hidden_state
+    outputs = base(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     weight, bias = _head(model)
     scale = _logit_scale(model)
     if scale != 1.0:
@@ -355,7 +355,8 @@ def _patched_forward(
     logits = _logits(hidden, weight, bias, softcap) if return_logits else None
     output_class = state["output_class"]
     names = {f.name for f in dataclasses.fields(output_class)}
-    fields = {k: v for k, v in outputs.items() if k in names and k not in ("loss", "logits")}
+    items = outputs.items() if hasattr(outputs, "items") else ()
+    fields = {k: v for k, v in items if k in names and k not in ("loss", "logits")}
     result = output_class(loss=loss, logits=logits, **fields)
     if return_dict is False:
         return result.to_tuple()
