@@ -262,12 +262,6 @@ def unpatch(model):
     return model
 
 
-def _shift(tensor, fill):
-    """``tensor[:, 1:]`` padded at the end with ``fill``: row t of the result belongs to position t."""
-    pad = torch.full_like(tensor[:, :1], fill)
-    return torch.cat([tensor[:, 1:], pad], dim=1)
-
-
 def _patched_forward(
     self,
     input_ids=None,
@@ -298,24 +292,16 @@ def _patched_forward(
     hidden, weight, bias, softcap, outputs = _run_base(self, input_ids, attention_mask, kwargs)
 
     if shift_labels is None:
+        # position t predicts token t+1: rows 0..T-2 of the hidden states against labels 1..T-1
         if labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
-        targets = _shift(labels.to(hidden.device), ignore_index)
+        hidden_rows, targets = hidden[:, :-1], labels[:, 1:].to(hidden.device)
         if concepts is not None:
-            concepts = _shift(concepts.to(hidden.device), -1)
+            concepts = concepts[:, 1:].to(hidden.device)
         if concept_probs is not None:
-            concept_probs = _shift(concept_probs.to(hidden.device), 0.0)
+            concept_probs = concept_probs[:, 1:].to(hidden.device)
     else:
-        targets = shift_labels.to(hidden.device)
-    # The last position predicts nothing after the shift: drop it rather than carry an ignored row.
-    if shift_labels is None:
-        hidden_rows, targets = hidden[:, :-1], targets[:, :-1]
-        if concepts is not None:
-            concepts = concepts[:, :-1]
-        if concept_probs is not None:
-            concept_probs = concept_probs[:, :-1]
-    else:
-        hidden_rows = hidden
+        hidden_rows, targets = hidden, shift_labels.to(hidden.device)
 
     impl = options.pop("impl", "auto")
     z_loss = options.pop("z_loss", 0.0)

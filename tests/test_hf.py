@@ -220,6 +220,20 @@ def test_num_items_in_batch_and_tuple_output():
     assert isinstance(as_tuple, tuple) and torch.allclose(as_tuple[0], out.loss.detach())
 
 
+def test_shift_labels_are_used_as_given():
+    model = _make("gpt2")
+    ids, mask, labels = _batch()
+    ref_loss, ref_grads, _ = _float64_ce(model, ids, mask, labels)
+    hf.patch(model)
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, shift_labels=shifted)
+    assert abs(out.loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    out.loss.backward()
+    _check_grads(model, ref_grads)
+    with pytest.raises(ValueError, match="labels has shape"):
+        model(input_ids=ids, labels=labels[:, :5])
+
+
 def test_without_labels_is_the_original_forward():
     model = _make("gpt2")
     ids, mask, _ = _batch()
