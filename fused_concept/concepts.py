@@ -124,12 +124,13 @@ _VOCAB_CACHE = {}
 
 
 def _vocab(tokenizer, size=None) -> _Vocab:
-    key = (id(tokenizer), len(tokenizer), size)
-    entry = _VOCAB_CACHE.get(key)
-    if entry is None or entry[0] is not tokenizer:
+    """The :class:`_Vocab` of ``tokenizer`` covering at least ``size`` ids (cached for the last few tokenizers)."""
+    entry = _VOCAB_CACHE.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer or entry[1].size < max(size or 0, len(tokenizer)):
         entry = (tokenizer, _Vocab(tokenizer, size))
-        _VOCAB_CACHE.clear()  # one tokenizer at a time is the normal case; keep memory bounded
-        _VOCAB_CACHE[key] = entry
+        if len(_VOCAB_CACHE) >= 4:
+            _VOCAB_CACHE.pop(next(iter(_VOCAB_CACHE)))
+        _VOCAB_CACHE[id(tokenizer)] = entry
     return entry[1]
 
 
