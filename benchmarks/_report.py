@@ -198,7 +198,7 @@ def plot_sweeps(report, out_dir):
         fixed_txt = ", ".join(f"{key.upper() if len(key) == 1 else key}={val}"
                               for key, val in fixed.items())
         for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median)"),
-                           (ax_m, "fwd+bwd transient memory, MiB")):
+                           (ax_m, "fwd+bwd transient memory, MiB (floor 0.5)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(name)

@@ -122,6 +122,9 @@ def parse_args(argv):
     p.add_argument("--only", default=None,
                    help="comma-separated groups to run (headline,sweep_n,sweep_v,sweep_k,"
                         "sweep_dtype); default all")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated implementations to run (default all): "
+                        + ",".join(IMPLEMENTATIONS))
     p.add_argument("--case-timeout", type=float, default=1200.0,
                    help="seconds before a CPU case's child is killed (recorded as timeout)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -146,6 +149,14 @@ def main(argv=None):
     if args.only:
         groups = set(args.only.split(","))
         cases = [c for c in cases if c["group"] in groups]
+    if args.impls:
+        names = set(args.impls.split(","))
+        unknown = names - set(IMPLEMENTATIONS)
+        if unknown:
+            raise SystemExit(f"--impls: unknown implementation(s) {sorted(unknown)}; "
+                             f"known: {', '.join(IMPLEMENTATIONS)}")
+        cases = [c for c in cases if c["impl"] in names]
+        checks = [c for c in checks if c["impl"] in names]
 
     report = {
         "schema": SCHEMA,
