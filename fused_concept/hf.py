@@ -42,6 +42,7 @@ __all__ = [
     "unpatch",
     "is_patched",
     "load_default_model",
+    "load_default_tokenizer",
     "load_model",
     "default_gguf_path",
 ]
@@ -436,6 +437,18 @@ def load_default_model(*, tokenizer=True, cache_dir=None, **model_kw):
     A tokenizer without a pad token gets the eos token as pad token.
     """
     return _load_gguf(default_gguf_path(), tokenizer=tokenizer, cache_dir=cache_dir, **model_kw)
+
+
+def load_default_tokenizer(*, cache_dir=None):
+    """The tokenizer of :func:`load_default_model` alone (read from the same GGUF file; no model hub)."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(default_gguf_path())
+    common = {"gguf_file": name, "local_files_only": True}
+    if cache_dir is not None:
+        common["cache_dir"] = cache_dir
+    with _memoized_gguf_parsing():
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(folder, **common))
 
 
 def load_model(name_or_path=None, *, tokenizer=True, cache_dir=None, **model_kw):

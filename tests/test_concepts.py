@@ -315,3 +315,15 @@ def test_cache_reuse_rebuild_and_refusal(tok, hand_model, tmp_path, monkeypatch)
         C.load_or_build_concepts(junk, hand_model, tok, ids)
     with pytest.raises(TypeError, match="unknown build_concept_sets options"):
         C.load_or_build_concepts(tmp_path / "x.pt", hand_model, tok, ids, topk=3)
+
+
+def test_heuristic_mask_with_the_smollm2_tokenizer():
+    """The real tokenizer of the default model (byte-level BPE read from the GGUF file)."""
+    smol = hf.load_default_tokenizer()
+    text = "The old farmer walked slowly to the field.\nDogs are running, isn't it? Unbelievable horses"
+    ids = torch.tensor([smol(text)["input_ids"]])
+    pieces = [smol.decode([i]) for i in ids[0].tolist()]
+    got = dict(zip(pieces, C.content_word_mask(smol, ids, nlp=None)[0].tolist()))
+    assert pieces[:3] == ["The", " old", " farmer"] and " Un" in pieces  # the split assumed below
+    content = {p for p, is_content in got.items() if is_content}
+    assert content == {" old", " farmer", " walked", " slowly", " field", "Dogs", " running", " horses"}
