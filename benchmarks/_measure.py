@@ -57,6 +57,18 @@ def reset_peak_rss():
         return False
 
 
+def release_free_heap():
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim(0)``), so that a
+    baseline RSS read right after counts live memory only, not memory freed by an earlier
+    phase that a later one could reuse without the RSS growing. No-op without glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -99,7 +111,7 @@ def _phase(fn, hidden, weight, targets, concepts, *, backward, device, warmup, r
            mem_base):
     """Run ``warmup + repeats`` calls; return (times of the repeats, peak memory above
     ``mem_base`` over the repeats in bytes, or None when it cannot be measured)."""
-    times, peaks = [], []
+    times, peaks, all_reset = [], [], True
     for r in range(warmup + repeats):
         hidden.grad = None
         weight.grad = None
@@ -107,7 +119,9 @@ def _phase(fn, hidden, weight, targets, concepts, *, backward, device, warmup, r
             torch.cuda.reset_peak_memory_stats()
             exact = True
         else:
-            exact = reset_peak_rss() or r == 0
+            reset = reset_peak_rss()
+            all_reset = all_reset and reset
+            exact = reset or r == 0
         _sync(device)
         t0 = time.perf_counter()
         if backward:
@@ -128,7 +142,7 @@ def _phase(fn, hidden, weight, targets, concepts, *, backward, device, warmup, r
                 peaks.append(peak - mem_base)
     hidden.grad = None
     weight.grad = None
-    return times, (max(peaks) if peaks else None)
+    return times, (max(peaks) if peaks else None), all_reset
 
 
 def measure_case(case):
@@ -161,8 +175,9 @@ def measure_case(case):
             torch.cuda.empty_cache()
             base_inputs = torch.cuda.memory_allocated()
         else:
+            release_free_heap()
             base_inputs = current_rss_bytes()
-        fwd_times, fwd_peak = _phase(impl.loss_fn, hidden, weight, targets, concepts,
+        fwd_times, fwd_peak, fwd_reset = _phase(impl.loss_fn, hidden, weight, targets, concepts,
                                      backward=False, device=device, warmup=case["warmup"],
                                      repeats=case.get("fwd_repeats", case["repeats"]),
                                      mem_base=base_inputs)
@@ -174,10 +189,11 @@ def measure_case(case):
                           + weight.numel() * weight.element_size())
             base_grads = torch.cuda.memory_allocated() + grad_bytes
         else:
+            release_free_heap()
             dummies = (torch.zeros_like(hidden), torch.zeros_like(weight))
             base_grads = current_rss_bytes()
             del dummies
-        bwd_times, bwd_peak = _phase(impl.loss_fn, hidden, weight, targets, concepts,
+        bwd_times, bwd_peak, bwd_reset = _phase(impl.loss_fn, hidden, weight, targets, concepts,
                                      backward=True, device=device, warmup=case["warmup"],
                                      repeats=case["repeats"], mem_base=base_grads)
     except Exception as exc:  # recorded, never dropped
@@ -198,8 +214,12 @@ def measure_case(case):
         mem_fwd_bwd_transient_mib=None if bwd_peak is None else max(bwd_peak, 0) / MIB,
         mem_fwd_bwd_peak_above_inputs_mib=(None if bwd_peak is None else
                                            max(bwd_peak + base_grads - base_inputs, 0) / MIB),
-        mem_method=("cuda allocator peak (max_memory_allocated)" if device == "cuda"
-                    else "VmHWM of a fresh child process, reset per repeat"),
+        mem_method=("cuda allocator peak (max_memory_allocated), reset per repeat"
+                    if device == "cuda" else
+                    "VmHWM of a fresh child process, " + (
+                        "reset per repeat" if fwd_reset and bwd_reset else
+                        "NOT resettable here: peak of the first timed repeat of each phase "
+                        "only, and the forward+backward figure may include the forward's")),
     )
     return result
 
