@@ -139,3 +139,14 @@ def test_oom_is_recognised():
     assert _is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
                                 "can't allocate memory: you tried to allocate 1234 bytes."))
     assert not _is_oom(ValueError("targets: id 99999 outside [0, 1024)"))
+
+
+def test_child_past_its_timeout_is_recorded_not_dropped():
+    from benchmarks._measure import run_case_in_child
+
+    case = {"group": "headline", "label": "t", "impl": "naive", "n": 4096, "d": 576,
+            "v": 49152, "k": 0, "dtype": "float32", "device": "cpu", "warmup": 0,
+            "repeats": 3, "fwd_repeats": 3, "seed": 0}
+    result = run_case_in_child(case, timeout_s=0.05)
+    assert result["status"] == "timeout" and "0 s" in result["note"]
+    assert result["impl"] == "naive" and result["n"] == 4096
