@@ -252,9 +252,11 @@ def test_without_labels_is_the_original_forward():
     model = _make("gpt2")
     ids, mask, _ = _batch()
     expected = model(input_ids=ids, attention_mask=mask).logits
+    generated = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     hf.patch(model)
     got = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, expected)
+    assert torch.equal(model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0), generated)
     with pytest.raises(ValueError, match="concepts were given without labels"):
         model(input_ids=ids, concepts=torch.full((2, 9, 1), -1))
     with pytest.raises(TypeError, match="unknown loss options"):
