@@ -412,9 +412,13 @@ def build_concept_sets(
 # ------------------------------------------------------------------------------------ caching
 
 
+# Config entries that do not change what the model computes for given ids: paths, versions, dtype,
+# kernels, and run-time switches (cache, outputs) that training code flips.
 _CONFIG_KEYS_IGNORED = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash",
                         "quantization_config", "dtype", "torch_dtype", "_attn_implementation",
-                        "_attn_implementation_internal", "_experts_implementation"}
+                        "_attn_implementation_internal", "_experts_implementation", "use_cache",
+                        "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
+                        "torchscript", "pad_token_id", "gradient_checkpointing"}
 
 
 def _sample_values(param: torch.Tensor, count: int = 32) -> bytes:
@@ -428,9 +432,10 @@ def _sample_values(param: torch.Tensor, count: int = 32) -> bytes:
 
 
 def fingerprint(model, tokenizer) -> str:
-    """``"<model_type>-<16 hex>"``: a hash of the model config (minus paths, versions and dtype), sampled
-    values of the first, last and head parameters, and the tokenizer's vocabulary size and a sample of its
-    tokens. Two loads of the same weights and tokenizer agree; another model or vocabulary differs.
+    """``"<model_type>-<16 hex>"``: a hash of the model config (minus paths, versions, dtype and run-time
+    switches such as ``use_cache``), sampled values of the first, last and head parameters, and the
+    tokenizer's vocabulary size and a sample of its tokens. Two loads of the same weights and tokenizer
+    agree; another model, config or vocabulary differs.
     """
     from . import hf
 

@@ -277,6 +277,9 @@ def test_fingerprint(tok, hand_model):
     other_config = copy.deepcopy(hand_model)
     other_config.config.rms_norm_eps = 1e-3
     assert C.fingerprint(other_config, tok) != fp
+    switched = copy.deepcopy(hand_model)
+    switched.config.use_cache = not switched.config.use_cache  # training code flips this: same model
+    assert C.fingerprint(switched, tok) == fp
 
 
 def test_cache_reuse_rebuild_and_refusal(tok, hand_model, tmp_path, monkeypatch):
