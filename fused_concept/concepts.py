@@ -319,7 +319,10 @@ def build_concept_sets(
     progress=False,
     score_batch=None,
 ):
-    """Synonym sets for every token of ``input_ids`` ([B, T], unpadded): LongTensor [B, T, max_synonyms].
+    """Synonym sets for every token of ``input_ids`` ([B, T]): LongTensor [B, T, max_synonyms].
+
+    Sequences run without attention mask: right padding is fine (pad tokens are special, hence never
+    content, and cannot influence earlier positions); left padding is not.
 
     Row ``[b, t]`` lists, best first, the candidate ids (top ``top_k`` whole-word next-token predictions
     at ``t-1``, gold excluded) whose substitution at ``t`` keeps the last hidden state's cosine to the

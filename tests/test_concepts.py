@@ -147,7 +147,7 @@ def test_hand_built_synonyms(tok, hand_model):
     ids = ids_of("Ġthe", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat")
     mask = torch.tensor([[True, True, False, False, False, True]])
     V = len(WORDS)
-    sets = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=4, content_mask=mask)
+    sets = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=4, content_mask=mask, progress=True)
     assert sets.shape == (1, 6, 4) and sets.dtype == torch.long
     # cos 1, 0.9, 0.8 pass 0.75 best first; dog (0.7) does not; Cat / 42 / <unk> are not same-form words
     assert _row(sets, 1) == ["Ġfeline", "Ġkitten", "Ġtiger", None]
