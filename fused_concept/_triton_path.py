@@ -19,7 +19,7 @@ Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse 
     coefficient per (row, id), then `_sparse_grad_hidden_kernel` adds them into dH rows and
     `_sparse_grad_weight_kernel` into dW/db rows, the pairs sorted by id so no two programs touch one row.
   * frozen heads (need_weight=False, no bias grad) launch nothing for dW / db.
-  * filter_eps > 0 drops dense tiles whose every |coef * softmax| is below filter_eps (off by default).
+  * filter_eps > 0 drops dense tiles whose every softmax probability is below filter_eps (off by default).
 
 All accumulation is float32; gradients are returned in float32 (the caller casts).
 """
@@ -40,8 +40,10 @@ from fused_concept.kernels.sparse_logits import _sparse_logits_kernel
 
 from ._rowmath import ShardStats
 
-# Programs wanted in flight per streaming multiprocessor before the forward splits the vocabulary.
+# Programs wanted in flight per streaming multiprocessor before a sweep splits the vocabulary.
 _PROGRAMS_PER_SM = 2
+# Most bytes of float32 d_hidden partials the deterministic backward may allocate to split the vocabulary.
+_SPLIT_BYTES = 64 * 2 ** 20
 
 
 def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -176,10 +178,15 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                        soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], *, vocab_start: int = 0,
                        softcap: Optional[float] = None, lse: Tensor, set_lse: Tensor, coef_dense: Tensor,
                        coef_target: Tensor, coef_set: Tensor, need_hidden: bool = True, need_weight: bool = True,
-                       need_bias: bool = True, deterministic: bool = True, filter_eps: float = 0.0):
+                       need_bias: bool = True, deterministic: bool = True, filter_eps: float = 0.0,
+                       vocab_splits: Optional[int] = None):
     """(d_hidden [N, D], d_weight [V, D], d_bias [V]) in float32 for this shard; None where not needed.
 
-    lse / set_lse are the merged (global) statistics, coef_* the per-row scalars of _rowmath."""
+    lse / set_lse are the merged (global) statistics, coef_* the per-row scalars of _rowmath.
+    deterministic=False adds dense tiles with atomics (one logit recompute instead of two when dW is
+    needed; not bitwise reproducible). filter_eps > 0 skips dense tiles whose every softmax probability is below filter_eps.
+    vocab_splits: slices of the vocabulary for the deterministic d_hidden sweep when N is small (default:
+    enough to fill the GPU within _SPLIT_BYTES of float32 partials; 1 under the interpreter)."""
     _check(hidden, weight, bias)
     cap = _softcap_arg(softcap)
     need_bias = bool(need_bias and bias is not None)
@@ -203,11 +210,11 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     common = dict(UPCAST=configs.interpreting(), DOT_PRECISION=configs.dot_precision(hidden.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
 
-    def launch(grid, owner, do_dh, do_dw, do_db):
+    def launch(grid, owner, do_dh, do_dw, do_db, dh_buf=None, chunk=v):
         _dense_grad_kernel[grid](
             hidden, weight, bias, lse, coef_dense,
-            d_hidden if do_dh else dummy, d_weight if do_dw else dummy, d_bias if do_db else dummy,
-            n, v, d, cap, float(filter_eps),
+            dh_buf if do_dh else dummy, d_weight if do_dw else dummy, d_bias if do_db else dummy,
+            n, v, d, chunk, cap, float(filter_eps),
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             0 if bias is None else bias.stride(0),
             OWNER=owner, DO_DH=do_dh, DO_DW=do_dw, DO_DB=do_db, **common)
@@ -215,11 +222,23 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     row_tiles, col_tiles = triton.cdiv(n, bm), triton.cdiv(v, bn)
     if deterministic:
         if need_hidden:
-            launch((row_tiles,), 1, True, False, False)
+            splits = vocab_splits
+            if splits is None:
+                splits = _vocab_splits(n, v, bm, bn, dev)
+                splits = max(1, min(splits, _SPLIT_BYTES // max(1, 4 * n * d)))
+            chunk = triton.cdiv(triton.cdiv(v, max(1, int(splits))), bn) * bn
+            splits = triton.cdiv(v, chunk)
+            if splits == 1:
+                launch((row_tiles, 1), 1, True, False, False, d_hidden, chunk)
+            else:
+                parts = torch.zeros((splits, n, d), **f32)
+                launch((row_tiles, splits), 1, True, False, False, parts, chunk)
+                for part in parts:  # fixed order: deterministic
+                    d_hidden += part
         if need_weight or need_bias:
             launch((col_tiles,), 2, False, need_weight, need_bias)
     else:
-        launch((row_tiles, col_tiles), 0, need_hidden, need_weight, need_bias)
+        launch((row_tiles, col_tiles), 0, need_hidden, need_weight, need_bias, d_hidden)
 
     # sparse terms at the target / concept ids
     ids = _id_table(targets, set_ids, soft_ids)

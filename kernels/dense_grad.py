@@ -11,12 +11,14 @@ Accumulators are float32 buffers. Who owns which output decides the grid (OWNER,
 
     OWNER = 0  grid (cdiv(N, BLOCK_M), cdiv(V, BLOCK_N)): one logit tile per program, results added
                with atomics (one recompute for dH and dW together; the order of additions is not fixed)
-    OWNER = 1  grid (cdiv(N, BLOCK_M),): a program owns BLOCK_M rows of dH and sweeps the vocabulary in
-               order, adding with plain loads and stores (deterministic)
+    OWNER = 1  grid (cdiv(N, BLOCK_M), SLICES): a program owns BLOCK_M rows of the dH partial of its
+               vocabulary slice [s * chunk, (s + 1) * chunk) (buffer [SLICES, N, D]) and sweeps the slice in
+               order, adding with plain loads and stores (deterministic; the caller sums the slices in order)
     OWNER = 2  grid (cdiv(V, BLOCK_N),): a program owns BLOCK_N rows of dW and db and sweeps the rows in
                order (deterministic)
 
-FILTER skips a tile whose every |dr| is below filter_eps (its contribution is dropped).
+FILTER skips a tile whose every softmax probability exp(z_iv - lse_i) is below filter_eps (its dense
+contribution is dropped; the sparse terms are added separately and never filtered).
 """
 import triton
 import triton.language as tl
@@ -30,7 +32,7 @@ import triton.language as tl
 @triton.jit
 def _dense_grad_kernel(
     h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, D, softcap, filter_eps,
+    N, V, D, chunk, softcap, filter_eps,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     OWNER: tl.constexpr, DO_DH: tl.constexpr, DO_DW: tl.constexpr, DO_DB: tl.constexpr,
@@ -42,9 +44,12 @@ def _dense_grad_kernel(
     if OWNER == 0:
         n_iter = 1
     elif OWNER == 1:
-        n_iter = tl.cdiv(V, BLOCK_N)
+        n_iter = tl.cdiv(tl.minimum(chunk, V - pid1 * chunk), BLOCK_N)
     else:
         n_iter = tl.cdiv(N, BLOCK_M)
+    dh_base = dh_ptr
+    if OWNER == 1:
+        dh_base += pid1.to(tl.int64) * N * D  # this slice's partial
     ks = tl.arange(0, BLOCK_K)
     db_acc = tl.zeros((BLOCK_N,), tl.float32)
 
@@ -54,7 +59,7 @@ def _dense_grad_kernel(
             tile_n = pid1
         elif OWNER == 1:
             tile_m = pid0
-            tile_n = it
+            tile_n = pid1 * (chunk // BLOCK_N) + it
         else:
             tile_m = it
             tile_n = pid0
@@ -87,14 +92,14 @@ def _dense_grad_kernel(
             acc = softcap * t
         lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
         coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
-        dz = coef[:, None] * tl.exp(acc - lse[:, None])
+        prob = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
+        dz = coef[:, None] * prob
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)
-        dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
 
         keep = True
         if FILTER:
-            keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+            keep = tl.max(tl.max(prob, axis=1), axis=0) >= filter_eps
         if keep:
             if DO_DB:
                 if OWNER == 0:
@@ -116,7 +121,7 @@ def _dense_grad_kernel(
                         if UPCAST:
                             w = w.to(tl.float32)
                         part = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
-                        dh_off = dh_ptr + rows64[:, None] * D + k_off[None, :]
+                        dh_off = dh_base + rows64[:, None] * D + k_off[None, :]
                         dh_mask = row_ok[:, None] & k_ok[None, :]
                         if OWNER == 0:
                             tl.atomic_add(dh_off, part, mask=dh_mask)

@@ -69,7 +69,8 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
     elif kernel == "dense_grad":
         fn = dense_grad._dense_grad_kernel
         sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, lse_ptr="*fp32", coef_ptr="*fp32", dh_ptr="*fp32",
-                   dw_ptr="*fp32", db_ptr="*fp32", N="i32", V="i32", D="i32", softcap="fp32", filter_eps="fp32",
+                   dw_ptr="*fp32", db_ptr="*fp32", N="i32", V="i32", D="i32", chunk="i32", softcap="fp32",
+                   filter_eps="fp32",
                    stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32", stride_b="i32")
         extra = dict(UPCAST=False, DOT_PRECISION="ieee")
     elif kernel == "sparse_logits":
