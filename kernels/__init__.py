@@ -1,0 +1,14 @@
+"""Triton kernels of the fused concept loss (installed as `fused_concept.kernels`; internal).
+
+One kernel per module, each starting with the formula it computes and its grid:
+
+  dense_stats         forward: online max / arg-max / log-sum-exp over vocabulary slices (tl.dot tiles)
+  sparse_logits       forward: indexed dot at the target / concept ids -> target logit, set lse, soft dot
+  dense_grad          backward: recomputed logit tiles -> coef * softmax into dH, dW, db
+  sparse_grad_hidden  backward: signed sparse coefficients at the K+1 ids per row into dH
+  sparse_grad_weight  backward: the same coefficients, grouped by id, into dW / db (no atomics)
+
+`configs` chooses launch configurations; `python -m fused_concept.kernels.report --arch 90` compiles
+every one of them for a GPU architecture and prints registers, spills, shared memory and HGMMA use.
+The launching code is `fused_concept._triton_path`.
+"""
