@@ -169,9 +169,19 @@ def check_head(model, input_ids=None, *, atol=1e-4, rtol=1e-4) -> float:
         vocab = _head(inner)[0].shape[0]
         input_ids = torch.arange(1, 9, device=_head(inner)[0].device).remainder(vocab)[None]
     forward = _original_forward(inner)
-    expected = forward(input_ids=input_ids, return_dict=True).logits.float()
-    hidden, weight, bias, softcap = hidden_and_head(inner, input_ids)
+    was_training = inner.training
+    inner.eval()  # dropout would make the two passes differ
+    try:
+        expected = forward(input_ids=input_ids, return_dict=True).logits.float()
+        hidden, weight, bias, softcap = hidden_and_head(inner, input_ids)
+    finally:
+        inner.train(was_training)
     got = _logits(hidden, weight, bias, softcap).float()
+    if got.shape != expected.shape:
+        raise ValueError(
+            f"fused_concept.hf cannot reproduce the logits of {type(inner).__name__}: they have shape "
+            f"{tuple(expected.shape)}, the head gives {tuple(got.shape)}"
+        )
     diff = (got - expected).abs().max().item()
     if not torch.allclose(got, expected, atol=atol, rtol=rtol):
         raise ValueError(

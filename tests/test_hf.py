@@ -269,6 +269,12 @@ def test_check_head_detects_an_unsupported_forward():
     model.config.logit_scale = 3.0  # claims a scale the Llama forward does not apply
     with pytest.raises(ValueError, match="cannot reproduce the logits of LlamaForCausalLM"):
         hf.check_head(model)
+    del model.config.logit_scale
+    model.config.unpadded_vocab_size = V - 1  # claims padding rows the forward does not slice off
+    with pytest.raises(ValueError, match="the head gives"):
+        hf.check_head(model)
+    gpt2 = _make("gpt2").train()  # dropout on: check_head still compares deterministic passes
+    assert hf.check_head(gpt2) < 1e-5 and gpt2.training
 
 
 def test_peft_wrapped_model():
