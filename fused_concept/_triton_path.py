@@ -11,10 +11,12 @@ Forward (`triton_partial_stats`):
 Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms:
   * `_dense_grad_kernel` recomputes the logits tile by tile and adds coef_dense * softmax to dH, dW, db.
     deterministic=True (default): one launch where each program owns row tiles of dH and sweeps the
-    vocabulary, and (only when dW or db is needed) one launch where each program owns vocabulary tiles
-    of dW/db and sweeps the rows; no atomics, bitwise-reproducible, the logits are recomputed twice
-    when dW is needed (8 N D V flops instead of 6). deterministic=False: one launch over (row tile,
-    vocab tile) pairs adding with float32 atomics (6 N D V flops, order of additions not fixed).
+    vocabulary (in slices when N is small), and (only when dW or db is needed) one persistent launch
+    where each program owns vocabulary tiles of dW/db and sweeps the rows. Both park GROUP gradient
+    tiles in a per-program scratch slab and multiply them out together, so the float32 output is
+    read-modified-written once per GROUP tiles. No atomics, bitwise-reproducible; the logits are
+    recomputed twice when dW is needed (8 N D V flops instead of 6). deterministic=False: one launch
+    over (row tile, vocab tile) pairs adding with float32 atomics (6 N D V flops, not reproducible).
   * the sparse terms (target and concept ids) are formed from their recomputed logits as one signed
     coefficient per (row, id), then `_sparse_grad_hidden_kernel` adds them into dH rows and
     `_sparse_grad_weight_kernel` into dW/db rows, the pairs sorted by id so no two programs touch one row.
@@ -43,7 +45,7 @@ from ._rowmath import ShardStats
 # Programs wanted in flight per streaming multiprocessor before a sweep splits the vocabulary.
 _PROGRAMS_PER_SM = 2
 # Most bytes of float32 d_hidden partials the deterministic backward may allocate to split the vocabulary.
-_SPLIT_BYTES = 64 * 2 ** 20
+_SPLIT_BYTES = 32 * 2 ** 20
 
 
 def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -82,6 +84,13 @@ def _vocab_splits(n_rows: int, v: int, block_m: int, block_n: int, device: torch
     row_tiles = triton.cdiv(n_rows, block_m)
     want = triton.cdiv(_PROGRAMS_PER_SM * sms, row_tiles)
     return max(1, min(want, triton.cdiv(v, block_n)))
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent d_weight sweep: two per multiprocessor (2 under the interpreter)."""
+    if configs.interpreting() or device.type != "cuda":
+        return 2
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _sparse_logits(hidden, weight, bias, ids, soft_weights, n_set, *, vocab_start, softcap, reduce, store_z):
@@ -205,23 +214,31 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     lse = lse.to(torch.float32).contiguous()
     coef_dense = coef_dense.to(torch.float32).contiguous()
     dummy = lse
-    cfg = configs.choose("dense_grad", hidden.dtype, hidden.device)
-    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
-    common = dict(UPCAST=configs.interpreting(), DOT_PRECISION=configs.dot_precision(hidden.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
+    slab_dtype = torch.float32 if configs.interpreting() else hidden.dtype
 
-    def launch(grid, owner, do_dh, do_dw, do_db, dh_buf=None, chunk=v):
+    def launch(cfg_name, grid, owner, do_dh, do_dw, do_db, dh_buf=None, chunk=v):
+        cfg = configs.choose(cfg_name, hidden.dtype, hidden.device)
+        b = cfg.blocks
+        programs = grid[0] * grid[1] if owner != 0 else 0
+        slab = b["BLOCK_M"] * b["BLOCK_N"] * b["GROUP"]  # scratch elements per program (OWNER 1 and 2)
+        scratch = torch.empty(programs * slab, dtype=slab_dtype, device=dev) if programs else dummy
         _dense_grad_kernel[grid](
             hidden, weight, bias, lse, coef_dense,
-            dh_buf if do_dh else dummy, d_weight if do_dw else dummy, d_bias if do_db else dummy,
+            dh_buf if do_dh else dummy, d_weight if do_dw else dummy, d_bias if do_db else dummy, scratch,
             n, v, d, chunk, cap, float(filter_eps),
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             0 if bias is None else bias.stride(0),
-            OWNER=owner, DO_DH=do_dh, DO_DW=do_dw, DO_DB=do_db, **common)
+            OWNER=owner, DO_DH=do_dh, DO_DW=do_dw, DO_DB=do_db, UPCAST=configs.interpreting(),
+            DOT_PRECISION=configs.dot_precision(hidden.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **b)
 
-    row_tiles, col_tiles = triton.cdiv(n, bm), triton.cdiv(v, bn)
+    def tiles(cfg_name):
+        b = configs.choose(cfg_name, hidden.dtype, hidden.device).blocks
+        return b["BLOCK_M"], b["BLOCK_N"]
+
     if deterministic:
         if need_hidden:
+            bm, bn = tiles("dense_grad_h")
             splits = vocab_splits
             if splits is None:
                 splits = _vocab_splits(n, v, bm, bn, dev)
@@ -229,16 +246,20 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
             chunk = triton.cdiv(triton.cdiv(v, max(1, int(splits))), bn) * bn
             splits = triton.cdiv(v, chunk)
             if splits == 1:
-                launch((row_tiles, 1), 1, True, False, False, d_hidden, chunk)
+                launch("dense_grad_h", (triton.cdiv(n, bm), 1), 1, True, False, False, d_hidden, chunk)
             else:
                 parts = torch.zeros((splits, n, d), **f32)
-                launch((row_tiles, splits), 1, True, False, False, parts, chunk)
+                launch("dense_grad_h", (triton.cdiv(n, bm), splits), 1, True, False, False, parts, chunk)
                 for part in parts:  # fixed order: deterministic
                     d_hidden += part
         if need_weight or need_bias:
-            launch((col_tiles,), 2, False, need_weight, need_bias)
+            _, bn = tiles("dense_grad_w")
+            launch("dense_grad_w", (min(triton.cdiv(v, bn), _persistent_programs(dev)), 1), 2, False,
+                   need_weight, need_bias)
     else:
-        launch((row_tiles, col_tiles), 0, need_hidden, need_weight, need_bias, d_hidden)
+        bm, bn = tiles("dense_grad_atomic")
+        launch("dense_grad_atomic", (triton.cdiv(n, bm), triton.cdiv(v, bn)), 0, need_hidden, need_weight,
+               need_bias, d_hidden)
 
     # sparse terms at the target / concept ids
     ids = _id_table(targets, set_ids, soft_ids)

@@ -26,17 +26,30 @@ class LaunchConfig(NamedTuple):
 
 # Matrix kernels. 16-bit inputs: 128 x 128 logit tiles on tensor cores (wgmma on sm_90, mma on sm_80),
 # three stages of 64-wide K slabs (96 KB of shared memory, inside sm_80's 163 KB). The backward holds
-# the logit tile, its gradient and a product tile at once, so it takes 32-wide K slabs to stay within
-# 255 registers without spilling. float32 inputs use exact ("ieee") FMA products on smaller tiles
+# GROUP = 8 gradient tiles per group in a per-program scratch slab (8 x 32 KB in bf16) and multiplies
+# them out in 64-wide column blocks of D. Each owner mode has its own tiles: the largest that compile
+# without spills (see `python -m fused_concept.kernels.report`). float32 inputs use exact ("ieee") FMA products on smaller tiles
 # (larger float32 tiles spill); see `python -m fused_concept.kernels.report`.
 _GPU = {
     "dense_stats": {
         "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
         "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
     },
-    "dense_grad": {
-        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 2),
-        "fp32": LaunchConfig("fp32", {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2),
+    # the backward kernel, per owner mode (OWNER 1: d_hidden, 2: d_weight / d_bias, 0: atomics)
+    "dense_grad_h": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 64,
+                                        "GROUP": 8}, 8, 2),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 8}, 8, 2),
+    },
+    "dense_grad_w": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 64,
+                                        "GROUP": 8}, 8, 2),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 8}, 8, 2),
+    },
+    "dense_grad_atomic": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 64,
+                                        "GROUP": 1}, 8, 2),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 1}, 8, 2),
     },
     "sparse_logits": {
         "16bit": LaunchConfig("16bit", {"BLOCK_R": 16, "BLOCK_K": 128}, 4, 1),
@@ -59,6 +72,18 @@ _ARCH_OVERRIDES = {
         "dense_stats": {
             "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 4),
         },
+        "dense_grad_h": {
+            "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 64,
+                                            "GROUP": 8}, 8, 2),
+        },
+        "dense_grad_w": {
+            "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64,
+                                            "GROUP": 8}, 8, 2),
+        },
+        "dense_grad_atomic": {
+            "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64,
+                                            "GROUP": 1}, 8, 2),
+        },
     },
 }
 
@@ -66,7 +91,13 @@ ARCHS = (80, 90)
 
 _INTERPRETER = {
     "dense_stats": LaunchConfig("interpret", {"BLOCK_M": 128, "BLOCK_N": 512, "BLOCK_K": 128}, 4, 1),
-    "dense_grad": LaunchConfig("interpret", {"BLOCK_M": 128, "BLOCK_N": 512, "BLOCK_K": 128}, 4, 1),
+    # small enough that the grouped backward runs several groups, a partial one, and a ragged D
+    "dense_grad_h": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_D": 64,
+                                               "GROUP": 3}, 4, 1),
+    "dense_grad_w": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_D": 64,
+                                               "GROUP": 3}, 4, 1),
+    "dense_grad_atomic": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64,
+                                                    "BLOCK_D": 64, "GROUP": 1}, 4, 1),
     "sparse_logits": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_hidden": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_weight": LaunchConfig("interpret", {"BLOCK_U": 256, "BLOCK_K": 128}, 4, 1),

@@ -9,19 +9,64 @@ Formula, with the GLOBAL per-row statistics lse_i and one scalar coefficient c_i
 (the sparse part of the gradient, at the K+1 ids of each row, is added by the sparse kernels).
 Accumulators are float32 buffers. Who owns which output decides the grid (OWNER, a constexpr):
 
-    OWNER = 0  grid (cdiv(N, BLOCK_M), cdiv(V, BLOCK_N)): one logit tile per program, results added
-               with atomics (one recompute for dH and dW together; the order of additions is not fixed)
+    OWNER = 0  grid (cdiv(N, BLOCK_M), cdiv(V, BLOCK_N)): one logit tile per program, its products
+               added to dH / dW / db with float32 atomics (order of additions not fixed).
     OWNER = 1  grid (cdiv(N, BLOCK_M), SLICES): a program owns BLOCK_M rows of the dH partial of its
-               vocabulary slice [s * chunk, (s + 1) * chunk) (buffer [SLICES, N, D]) and sweeps the slice in
-               order, adding with plain loads and stores (deterministic; the caller sums the slices in order)
-    OWNER = 2  grid (cdiv(V, BLOCK_N),): a program owns BLOCK_N rows of dW and db and sweeps the rows in
-               order (deterministic)
+               vocabulary slice [s * chunk, (s + 1) * chunk) (buffer [SLICES, N, D]; the caller sums the
+               slices in order) and sweeps the slice in order: deterministic.
+    OWNER = 2  grid (P,): persistent programs; program p owns the vocabulary tiles p, p + P, ... of dW
+               and db and sweeps all rows in order for each: deterministic.
 
-FILTER skips a tile whose every softmax probability exp(z_iv - lse_i) is below filter_eps (its dense
-contribution is dropped; the sparse terms are added separately and never filtered).
+OWNER 1 and 2 work in groups of GROUP tiles: phase 1 recomputes GROUP logit tiles and parks their dr
+(in the input dtype) in the program's own scratch slab [BLOCK_M, GROUP * BLOCK_N] (L2-resident);
+phase 2 multiplies the slab by W (or h) in BLOCK_D-wide column blocks, a matrix product with a
+GROUP * BLOCK_N deep reduction, and adds each block to the float32 output once per group. The float32
+read-modify-write traffic of the output is thereby GROUP times smaller than per tile.
+
+FILTER: a tile whose every softmax probability exp(z_iv - lse_i) is below filter_eps contributes
+nothing (OWNER 0 skips its products; OWNER 1/2 zero it and skip phase 2 when the whole group is below).
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
+                     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """(dr [BLOCK_M, BLOCK_N] float32, largest softmax probability of the tile); 0 outside N x V."""
+    row_ok = rows < N
+    col_ok = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < D
+        k_off = k.to(tl.int64)
+        h = tl.load(h_ptr + rows64[:, None] * stride_hn + k_off[None, :] * stride_hd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols64[:, None] * stride_wv + k_off[None, :] * stride_wd,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0)
+        acc = softcap * t
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
+    prob = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
+    dz = coef[:, None] * prob
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz, tl.max(tl.max(prob, axis=1), axis=0)
 
 
 @triton.heuristics({
@@ -31,116 +76,147 @@ import triton.language as tl
 })
 @triton.jit
 def _dense_grad_kernel(
-    h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr, scratch_ptr,
     N, V, D, chunk, softcap, filter_eps,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
     OWNER: tl.constexpr, DO_DH: tl.constexpr, DO_DW: tl.constexpr, DO_DB: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
-    if OWNER == 0:
-        n_iter = 1
-    elif OWNER == 1:
-        n_iter = tl.cdiv(tl.minimum(chunk, V - pid1 * chunk), BLOCK_N)
+    am = tl.arange(0, BLOCK_M)
+    an = tl.arange(0, BLOCK_N)
+    ad = tl.arange(0, BLOCK_D)
+    if UPCAST:
+        op_ty = tl.float32
     else:
-        n_iter = tl.cdiv(N, BLOCK_M)
-    dh_base = dh_ptr
-    if OWNER == 1:
-        dh_base += pid1.to(tl.int64) * N * D  # this slice's partial
-    ks = tl.arange(0, BLOCK_K)
-    db_acc = tl.zeros((BLOCK_N,), tl.float32)
+        op_ty = w_ptr.dtype.element_ty
 
-    for it in range(0, n_iter):
-        if OWNER == 0:
-            tile_m = pid0
-            tile_n = pid1
-        elif OWNER == 1:
-            tile_m = pid0
-            tile_n = pid1 * (chunk // BLOCK_N) + it
-        else:
-            tile_m = it
-            tile_n = pid0
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if OWNER == 0:
+        rows = pid0 * BLOCK_M + am
+        cols = pid1 * BLOCK_N + an
         row_ok = rows < N
         col_ok = cols < V
         rows64 = rows.to(tl.int64)
         cols64 = cols.to(tl.int64)
-        h_row_off = rows64 * stride_hn
-        w_col_off = cols64 * stride_wv
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < D
-            k_off = k.to(tl.int64)
-            h = tl.load(h_ptr + h_row_off[:, None] + k_off[None, :] * stride_hd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + w_col_off[:, None] + k_off[None, :] * stride_wd,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            t = 1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0)
-            acc = softcap * t
-        lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
-        coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
-        prob = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
-        dz = coef[:, None] * prob
-        if HAS_SOFTCAP:
-            dz = dz * (1.0 - t * t)
-
+        dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
+                                    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
         keep = True
         if FILTER:
-            keep = tl.max(tl.max(prob, axis=1), axis=0) >= filter_eps
+            keep = pmax >= filter_eps
         if keep:
             if DO_DB:
-                if OWNER == 0:
-                    tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok)
-                else:
-                    db_acc += tl.sum(dz, axis=0)
-            if UPCAST:
-                dz_op = dz
-            else:
-                dz_op = dz.to(w_ptr.dtype.element_ty)
-            if DO_DH or DO_DW:
-                for k0 in range(0, D, BLOCK_K):
-                    k = k0 + ks
-                    k_ok = k < D
-                    k_off = k.to(tl.int64)
-                    if DO_DH:
-                        w = tl.load(w_ptr + w_col_off[:, None] + k_off[None, :] * stride_wd,
-                                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                        if UPCAST:
-                            w = w.to(tl.float32)
-                        part = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
-                        dh_off = dh_base + rows64[:, None] * D + k_off[None, :]
-                        dh_mask = row_ok[:, None] & k_ok[None, :]
-                        if OWNER == 0:
-                            tl.atomic_add(dh_off, part, mask=dh_mask)
-                        else:
-                            tl.store(dh_off, tl.load(dh_off, mask=dh_mask, other=0.0) + part, mask=dh_mask)
-                    if DO_DW:
-                        h = tl.load(h_ptr + h_row_off[:, None] + k_off[None, :] * stride_hd,
-                                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        if UPCAST:
-                            h = h.to(tl.float32)
-                        part = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
-                        dw_off = dw_ptr + cols64[:, None] * D + k_off[None, :]
-                        dw_mask = col_ok[:, None] & k_ok[None, :]
-                        if OWNER == 0:
-                            tl.atomic_add(dw_off, part, mask=dw_mask)
-                        else:
-                            tl.store(dw_off, tl.load(dw_off, mask=dw_mask, other=0.0) + part, mask=dw_mask)
+                tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok)
+            dz_op = dz.to(op_ty)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + ad
+                d_ok = d < D
+                d_off = d.to(tl.int64)
+                if DO_DH:
+                    w = tl.load(w_ptr + cols64[:, None] * stride_wv + d_off[None, :] * stride_wd,
+                                mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(op_ty)
+                    part = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+                    tl.atomic_add(dh_ptr + rows64[:, None] * D + d_off[None, :], part,
+                                  mask=row_ok[:, None] & d_ok[None, :])
+                if DO_DW:
+                    h = tl.load(h_ptr + rows64[:, None] * stride_hn + d_off[None, :] * stride_hd,
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(op_ty)
+                    part = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
+                    tl.atomic_add(dw_ptr + cols64[:, None] * D + d_off[None, :], part,
+                                  mask=col_ok[:, None] & d_ok[None, :])
 
-    if DO_DB:
-        if OWNER == 2:
-            cols = pid0 * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(db_ptr + cols.to(tl.int64), db_acc, mask=cols < V)
+    elif OWNER == 1:
+        # rows fixed, sweep this slice's vocabulary tiles in groups
+        rows = pid0 * BLOCK_M + am
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        slot = (pid1 * tl.num_programs(0) + pid0).to(tl.int64)
+        scratch = scratch_ptr + slot * (BLOCK_M * GROUP * BLOCK_N)
+        dh_base = dh_ptr + pid1.to(tl.int64) * N * D
+        first_tile = pid1 * (chunk // BLOCK_N)
+        n_tiles = tl.cdiv(tl.minimum(chunk, V - pid1 * chunk), BLOCK_N)
+        for g0 in range(0, n_tiles, GROUP):
+            n_sub = tl.minimum(GROUP, n_tiles - g0)
+            kept = 0
+            for sub in range(0, n_sub):
+                cols = (first_tile + g0 + sub) * BLOCK_N + an
+                dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
+                                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                                            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST,
+                                            DOT_PRECISION)
+                if FILTER:
+                    dz = tl.where(pmax >= filter_eps, dz, 0.0)
+                    kept += (pmax >= filter_eps).to(tl.int32)
+                else:
+                    kept += 1
+                tl.store(scratch + am[:, None] * (GROUP * BLOCK_N) + (sub * BLOCK_N + an)[None, :], dz.to(op_ty))
+            tl.debug_barrier()  # the slab is written by every thread of the program before it is read
+            if kept > 0:
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + ad
+                    d_ok = d < D
+                    d_off = d.to(tl.int64)
+                    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+                    for sub in range(0, n_sub):
+                        cols64 = ((first_tile + g0 + sub) * BLOCK_N + an).to(tl.int64)
+                        dz_t = tl.load(scratch + am[:, None] * (GROUP * BLOCK_N) + (sub * BLOCK_N + an)[None, :])
+                        w = tl.load(w_ptr + cols64[:, None] * stride_wv + d_off[None, :] * stride_wd,
+                                    mask=(cols64 < V)[:, None] & d_ok[None, :], other=0.0).to(op_ty)
+                        acc = tl.dot(dz_t, w, acc, input_precision=DOT_PRECISION)
+                    out = dh_base + rows64[:, None] * D + d_off[None, :]
+                    out_ok = row_ok[:, None] & d_ok[None, :]
+                    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc, mask=out_ok)
+            tl.debug_barrier()  # everyone has read the slab before the next group overwrites it
+
+    else:
+        # persistent: vocabulary tiles pid0, pid0 + P, ...; sweep all rows in groups for each
+        scratch = scratch_ptr + pid0.to(tl.int64) * (GROUP * BLOCK_M * BLOCK_N)
+        row_tiles = tl.cdiv(N, BLOCK_M)
+        for tile_n in range(pid0, tl.cdiv(V, BLOCK_N), tl.num_programs(0)):
+            cols = tile_n * BLOCK_N + an
+            col_ok = cols < V
+            cols64 = cols.to(tl.int64)
+            db_acc = tl.zeros((BLOCK_N,), tl.float32)
+            for g0 in range(0, row_tiles, GROUP):
+                n_sub = tl.minimum(GROUP, row_tiles - g0)
+                kept = 0
+                for sub in range(0, n_sub):
+                    rows = (g0 + sub) * BLOCK_M + am
+                    dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+                                                softcap, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                                                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST,
+                                                DOT_PRECISION)
+                    if FILTER:
+                        dz = tl.where(pmax >= filter_eps, dz, 0.0)
+                        kept += (pmax >= filter_eps).to(tl.int32)
+                    else:
+                        kept += 1
+                    if DO_DB:
+                        db_acc += tl.sum(dz, axis=0)
+                    if DO_DW:
+                        # parked transposed: [BLOCK_N, GROUP * BLOCK_M], row v holds dr_{., v} of the group
+                        tl.store(scratch + an[:, None] * (GROUP * BLOCK_M) + (sub * BLOCK_M + am)[None, :],
+                                 tl.trans(dz.to(op_ty)))
+                tl.debug_barrier()
+                if DO_DW and kept > 0:
+                    for d0 in range(0, D, BLOCK_D):
+                        d = d0 + ad
+                        d_ok = d < D
+                        d_off = d.to(tl.int64)
+                        acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+                        for sub in range(0, n_sub):
+                            rows64 = ((g0 + sub) * BLOCK_M + am).to(tl.int64)
+                            dz_t = tl.load(scratch + an[:, None] * (GROUP * BLOCK_M) + (sub * BLOCK_M + am)[None, :])
+                            h = tl.load(h_ptr + rows64[:, None] * stride_hn + d_off[None, :] * stride_hd,
+                                        mask=(rows64 < N)[:, None] & d_ok[None, :], other=0.0).to(op_ty)
+                            acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+                        out = dw_ptr + cols64[:, None] * D + d_off[None, :]
+                        out_ok = col_ok[:, None] & d_ok[None, :]
+                        tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc, mask=out_ok)
+                tl.debug_barrier()
+            if DO_DB:
+                tl.store(db_ptr + cols64, db_acc, mask=col_ok)

@@ -3,7 +3,7 @@ without a GPU, and print one JSON object per compiled kernel:
 
     python -m fused_concept.kernels.report --arch 90            (or --arch 80; repeatable)
 
-keys: kernel (the @triton.jit function's name), config, arch, registers, spill_bytes (ptxas spill
+keys: kernel (the @triton.jit function's name), config, launch_config (the dispatcher's name for it), arch, registers, spill_bytes (ptxas spill
 stores + loads), stack_bytes, shared_bytes (Triton's shared memory for the launch), shared_limit (the
 architecture's per-block opt-in maximum), has_hgmma (sm_90 warpgroup MMA instructions in the SASS),
 matmul (kernel built on tl.dot tiles), num_warps, num_stages.
@@ -37,11 +37,11 @@ def _plan():
     for dt in ("16bit-bf16", "16bit-fp16", "fp32"):
         cls = dt.split("-")[0]
         plan.append(("dense_stats", cls, dt, dict(HAS_BIAS=True, HAS_SOFTCAP=True)))
-        for owner, flags in ((1, dict(DO_DH=True, DO_DW=False, DO_DB=False)),
-                             (2, dict(DO_DH=False, DO_DW=True, DO_DB=True)),
-                             (0, dict(DO_DH=True, DO_DW=True, DO_DB=True))):
-            plan.append(("dense_grad", cls, dt, dict(OWNER=owner, HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True,
-                                                     **flags)))
+        for cfg_name, owner, flags in (("dense_grad_h", 1, dict(DO_DH=True, DO_DW=False, DO_DB=False)),
+                                       ("dense_grad_w", 2, dict(DO_DH=False, DO_DW=True, DO_DB=True)),
+                                       ("dense_grad_atomic", 0, dict(DO_DH=True, DO_DW=True, DO_DB=True))):
+            plan.append((cfg_name, cls, dt, dict(OWNER=owner, HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True,
+                                                 **flags)))
         plan.append(("sparse_logits", cls, dt, dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SOFT=True, REDUCE=True,
                                                     STORE_Z=False)))
         plan.append(("sparse_logits", cls, dt, dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SOFT=False,
@@ -66,10 +66,10 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
                    N="i32", V="i32", D="i32", chunk="i32", vocab_start="i32", softcap="fp32",
                    stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32", stride_b="i32")
         extra = dict(UPCAST=False, DOT_PRECISION="ieee")
-    elif kernel == "dense_grad":
+    elif kernel.startswith("dense_grad"):
         fn = dense_grad._dense_grad_kernel
         sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, lse_ptr="*fp32", coef_ptr="*fp32", dh_ptr="*fp32",
-                   dw_ptr="*fp32", db_ptr="*fp32", N="i32", V="i32", D="i32", chunk="i32", softcap="fp32",
+                   dw_ptr="*fp32", db_ptr="*fp32", scratch_ptr=fp, N="i32", V="i32", D="i32", chunk="i32", softcap="fp32",
                    filter_eps="fp32",
                    stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32", stride_b="i32")
         extra = dict(UPCAST=False, DOT_PRECISION="ieee")
@@ -152,7 +152,7 @@ def compile_one(item):
         spill_bytes=grab(r"(\d+) bytes spill stores") + grab(r"(\d+) bytes spill loads"),
         stack_bytes=grab(r"(\d+) bytes stack frame"),
         shared_bytes=int(compiled.metadata.shared), shared_limit=SHARED_LIMIT.get(arch, 48 * 1024),
-        has_hgmma="HGMMA" in sass, matmul=kernel in ("dense_stats", "dense_grad"),
+        has_hgmma="HGMMA" in sass, matmul=kernel.startswith("dense_"), launch_config=kernel,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, blocks=dict(cfg.blocks), function=name,
     )
 

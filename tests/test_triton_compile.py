@@ -32,7 +32,7 @@ def test_every_dispatcher_config_is_compiled_for_both_archs(rows):
         assert {(r["kernel"], r["config"]) for r in mine} == {(r["kernel"], r["config"]) for r in rows
                                                              if r["arch"] == 90}
         for (kernel, cls), cfg in configs.all_configs(arch).items():
-            got = [r for r in mine if r["kernel"] == f"_{kernel}_kernel" and r["config"].startswith(cls)]
+            got = [r for r in mine if r["launch_config"] == kernel and r["config"].startswith(cls)]
             assert got, f"{kernel}/{cls} not compiled for sm_{arch}"
             assert all(r["blocks"] == cfg.blocks and r["num_warps"] == cfg.num_warps for r in got)
     keys = {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "has_hgmma"}
@@ -49,7 +49,7 @@ def test_no_spills_and_shared_memory_within_limits(rows):
 
 def test_sm90_matrix_loops_use_hgmma(rows):
     matmul16 = [r for r in rows if r["arch"] == 90 and r["matmul"] and r["config"].startswith("16bit")]
-    assert len(matmul16) == 8  # dense_stats + 3 dense_grad owners, for bf16 and fp16
+    assert len(matmul16) == 8  # dense_stats + 3 dense_grad owner modes, for bf16 and fp16
     for r in matmul16:
         assert r["has_hgmma"], f"{r['kernel']} [{r['config']}] has no HGMMA on sm_90"
     assert not any(r["has_hgmma"] for r in rows if r["arch"] == 80)
