@@ -199,6 +199,7 @@ CASES = [
     ("small-fp32-soft-K16-bias", (37, 1001, 48), 16, torch.float32, dict(soft=True, bias=True)),
     ("small-bf16-soft-softcap", (37, 1001, 48), 6, torch.bfloat16, dict(soft=True, softcap=20.0)),
     ("small-fp16-K3-bias", (37, 1001, 48), 3, torch.float16, dict(bias=True)),
+    ("odd-D-fp32-soft", (29, 515, 37), 4, torch.float32, dict(bias=True, soft=True, softcap=5.0)),
     ("small-fp32-K0-frozen", (37, 1001, 48), 0, torch.float32, dict(need_weight=False, bias=True,
                                                                     need_bias=False)),
     ("big-bf16-K11-shard", (130, 4099, 80), 11, torch.bfloat16, dict(shard=(1500, 2077), bias=True)),
