@@ -228,6 +228,9 @@ import fused_concept as fc  # noqa: E402
 from contract import as_float64, contract_loss, rel_err  # noqa: E402
 from test_core import check_against_contract, make_inputs  # noqa: E402
 
+# check_against_contract (tests/test_core.py) works on CPU tensors: the interpreter runs them
+cpu_only = pytest.mark.skipif(DEVICE == "cuda", reason="contract helpers take CPU tensors; see the *_on_device tests")
+
 E2E_CASES = [
     dict(mode="marginal", reduction="mean"),
     dict(mode="marginal", margin=0.6, reduction="none", include_target=False),
@@ -237,6 +240,7 @@ E2E_CASES = [
 ]
 
 
+@cpu_only
 @pytest.mark.parametrize("opts", E2E_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_concept_loss_triton_matches_contract(opts):
     h, w, b, y, c, p = make_inputs(seed=len(str(opts)), probs=opts.get("mode") == "soft")
@@ -245,6 +249,7 @@ def test_concept_loss_triton_matches_contract(opts):
     check_against_contract("triton", h, w, b, y, c, p, **opts)
 
 
+@cpu_only
 def test_concept_loss_triton_bfloat16_and_frozen_head():
     h, w, b, y, c, _ = make_inputs(seed=3, dtype=torch.bfloat16)
     check_against_contract("triton", h, w, b, y, c, tol=1e-2, grad_tol=2e-2, margin=0.05, reduction="sum")
@@ -253,8 +258,10 @@ def test_concept_loss_triton_bfloat16_and_frozen_head():
     check_against_contract("triton", h, w, b, y, c, tol=1e-2, grad_tol=2e-2, reduction="mean")
 
 
-def test_concept_objective_triton_matches_torch_path():
+def test_concept_objective_triton_matches_torch_path_on_device():
     h, w, b, y, c, _ = make_inputs(seed=11, bias=False)
+    h, w = (t.detach().to(DEVICE).requires_grad_() for t in (h, w))
+    y, c = y.to(DEVICE), c.to(DEVICE)
     got = fc.concept_objective(h, w, y, c, lam=0.4, margin=0.3, impl="triton")
     want = fc.concept_objective(h, w, y, c, lam=0.4, margin=0.3, impl="torch")
     assert rel_err(got, want) < 2e-5
@@ -264,9 +271,9 @@ def test_concept_objective_triton_matches_torch_path():
         assert rel_err(a, e) < 1e-4
 
 
-def test_nan_in_hidden_gives_nan_loss():
+def test_nan_in_hidden_gives_nan_loss_on_device():
     h, w, b, y, c, _ = make_inputs(seed=5)
-    h = h.detach().clone()
+    h, w, b, y, c = (t.detach().to(DEVICE) for t in (h, w, b, y, c))
     h[4, 7] = float("nan")
     assert torch.isnan(fc.concept_loss(h, w, y, c, bias=b, impl="triton"))
     h[4, 7] = float("inf")
@@ -300,8 +307,8 @@ def test_strided_inputs_give_the_contiguous_result():
     s = triton_partial_stats(*strided, vocab_start=0, softcap=None)
     for x, y in zip(a, s):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
-    kw = dict(vocab_start=0, softcap=None, lse=a.lse, set_lse=a.set_lse, coef_dense=c["coef_dense"],
-              coef_target=c["coef_target"], coef_set=c["coef_set"])
+    kw = dict(vocab_start=0, softcap=None, lse=a.lse, set_lse=a.set_lse, coef_dense=c["coef_dense"].to(DEVICE),
+              coef_target=c["coef_target"].to(DEVICE), coef_set=c["coef_set"].to(DEVICE))
     for x, y in zip(triton_shard_grads(*args, **kw), triton_shard_grads(*strided, **kw)):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
 
