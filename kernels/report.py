@@ -48,6 +48,13 @@ def _plan():
                                                     REDUCE=False, STORE_Z=True)))
         plan.append(("sparse_grad_hidden", cls, dt, {}))
         plan.append(("sparse_grad_weight", cls, dt, dict(DO_DW=True, DO_DB=True)))
+    # the plain variants (no bias, softcap or filter) of the matrix kernels, compiled once per arch
+    plain = dict(HAS_BIAS=False, HAS_SOFTCAP=False)
+    plan.append(("dense_stats", "16bit", "16bit-bf16", plain))
+    plan.append(("dense_grad_h", "16bit", "16bit-bf16", dict(OWNER=1, DO_DH=True, DO_DW=False, DO_DB=False,
+                                                             FILTER=False, **plain)))
+    plan.append(("dense_grad_w", "16bit", "16bit-bf16", dict(OWNER=2, DO_DH=False, DO_DW=True, DO_DB=False,
+                                                             FILTER=False, **plain)))
     assert {(k, c) for k, c, _, _ in plan} == set(configs.all_configs(90))
     return plan
 
