@@ -92,8 +92,8 @@ class TrainConfig:
     concept_cache: Optional[str] = _opt("runs/concept-cache", "folder of cached concept sets, shared by runs "
                                         "(keyed by model, options and token ids); none: out_dir")
     seq_len: int = _opt(64, "tokens per sequence")
-    num_train: int = _opt(128, "training sequences")
-    num_heldout: int = _opt(24, "held-out sequences for evaluation")
+    num_train: int = _opt(64, "training sequences")
+    num_heldout: int = _opt(16, "held-out sequences for evaluation")
     steps: int = _opt(30, "optimizer steps")
     batch_size: int = _opt(16, "sequences per optimizer step, all ranks and micro-batches together")
     micro_batch_size: int = _opt(8, "sequences per forward/backward on one rank (gradient accumulation)")
