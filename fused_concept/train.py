@@ -502,7 +502,7 @@ def _train(config, model, tokenizer, data, rank, world, device, t_start) -> Dict
         if vocab_parallel:
             _all_reduce_grads(trainable.values())
         grad_norm = (torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-                     if config.grad_clip > 0 else torch.tensor(float("nan")))
+                     if config.grad_clip > 0 else None)
         lr_used = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -516,7 +516,7 @@ def _train(config, model, tokenizer, data, rank, world, device, t_start) -> Dict
             "ce": sums[1].item() / num_valid,
             "mass": sums[2].item() / max(1, num_content),
             "lr": lr_used,
-            "grad_norm": float(grad_norm),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
         }
         history.append(record)
         if bar is not None:

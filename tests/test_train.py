@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from fused_concept.__main__ import main
+from fused_concept.__main__ import build_parser, main
 from fused_concept._data import DataError, TokenData, default_corpus_text, load_text, split_train_heldout
 from fused_concept.train import TrainConfig, _lr_factor, _step_sequences, train
 
@@ -173,6 +173,15 @@ def test_cli_bad_data_path_gives_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "file not found" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_options_map_to_config_fields():
+    args = vars(build_parser().parse_args(["train", "--lam", "0", "--margin", "none", "--no-lora", "--steps", "5",
+                                           "--data", "corpus.txt"]))
+    args.pop("command")
+    config = TrainConfig(**args)
+    assert (config.lam, config.margin, config.lora, config.steps, config.data) == (0.0, None, False, 5, "corpus.txt")
+    assert config.top_k == TrainConfig().top_k and config.out_dir == "runs/default"
 
 
 @pytest.mark.parametrize("name, content, message", [
