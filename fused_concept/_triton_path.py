@@ -34,6 +34,7 @@ import triton
 from torch import Tensor
 
 from fused_concept.kernels import configs
+from fused_concept.kernels.chunk_matmul import _chunk_matmul_kernel
 from fused_concept.kernels.dense_grad import _dense_grad_kernel
 from fused_concept.kernels.dense_stats import _dense_stats_kernel
 from fused_concept.kernels.sparse_grad_hidden import _sparse_grad_hidden_kernel
@@ -46,6 +47,8 @@ from ._rowmath import ShardStats
 _PROGRAMS_PER_SM = 2
 # Most bytes of float32 d_hidden partials the deterministic backward may allocate to split the vocabulary.
 _SPLIT_BYTES = 32 * 2 ** 20
+# Most bytes of the per-chunk logit gradient [N, V_chunk] of the chunked backward.
+_CHUNK_BYTES = 32 * 2 ** 20
 
 
 def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -183,19 +186,76 @@ def _signed_sparse_coefs(z, ids, *, n_set, soft_weights, vocab_start, v, softcap
     return torch.where(hit, s, torch.zeros_like(s))
 
 
+def _matmul(a: Tensor, b: Tensor, c: Tensor, *, accumulate: bool) -> None:
+    """c (float32) = [c +] a @ b with `_chunk_matmul_kernel`; a, b any-strided views in the input dtype."""
+    m, k = a.shape
+    n = b.shape[1]
+    cfg = configs.choose("chunk_matmul", a.dtype, a.device)
+    grid = (triton.cdiv(m, cfg.blocks["BLOCK_M"]) * triton.cdiv(n, cfg.blocks["BLOCK_N"]),)
+    _chunk_matmul_kernel[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                               c.stride(0), c.stride(1), ACCUMULATE=accumulate, UPCAST=configs.interpreting(),
+                               DOT_PRECISION=configs.dot_precision(a.dtype), num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages, **cfg.blocks)
+
+
+def _chunked_dense_grads(hidden, weight, bias, lse, coef_dense, d_hidden, d_weight, d_bias, cap, filter_eps,
+                         chunk_columns):
+    """Dense part of dH / dW / db, one vocabulary chunk at a time: the chunk's logit gradient
+    dR_c = coef * softmax (x softcap derivative) is written once ([N, V_c], input dtype), then
+    dH += dR_c @ W_c, dW_c = dR_c^T @ H, db_c = column sums of dR_c. Deterministic, no atomics."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    cfg = configs.choose("dense_grad_chunk", hidden.dtype, dev)
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    grad_dtype = torch.float32 if configs.interpreting() else hidden.dtype
+    if chunk_columns is None:
+        if configs.interpreting():
+            chunk_columns = 2 * bn
+        else:
+            per_row = max(1, n) * torch.finfo(grad_dtype).bits // 8
+            chunk_columns = max(bn, _CHUNK_BYTES // per_row // bn * bn)
+    width = min(triton.cdiv(int(chunk_columns), bn) * bn, triton.cdiv(v, bn) * bn)
+    grad = torch.empty((n, width), dtype=grad_dtype, device=dev)
+    for c0 in range(0, v, width):
+        c1 = min(v, c0 + width)
+        w_c = weight[c0:c1]
+        b_c = None if bias is None else bias[c0:c1]
+        _dense_grad_kernel[(triton.cdiv(n, bm), triton.cdiv(c1 - c0, bn))](
+            hidden, w_c, b_c, lse, coef_dense, lse, lse, lse, grad,
+            n, c1 - c0, d, width, cap, float(filter_eps),
+            hidden.stride(0), hidden.stride(1), w_c.stride(0), w_c.stride(1),
+            0 if b_c is None else b_c.stride(0),
+            OWNER=3, DO_DH=False, DO_DW=False, DO_DB=False, UPCAST=configs.interpreting(),
+            DOT_PRECISION=configs.dot_precision(hidden.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **cfg.blocks)
+        g_c = grad[:, :c1 - c0]
+        if d_hidden is not None:
+            _matmul(g_c, w_c.to(grad_dtype) if grad_dtype != w_c.dtype else w_c, d_hidden, accumulate=True)
+        _matmul(g_c.t(), hidden.to(grad_dtype) if grad_dtype != hidden.dtype else hidden, d_weight[c0:c1],
+                accumulate=False)
+        if d_bias is not None:
+            d_bias[c0:c1] = g_c.float().sum(dim=0)
+
+
 def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, set_ids: Tensor,
                        soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], *, vocab_start: int = 0,
                        softcap: Optional[float] = None, lse: Tensor, set_lse: Tensor, coef_dense: Tensor,
                        coef_target: Tensor, coef_set: Tensor, need_hidden: bool = True, need_weight: bool = True,
                        need_bias: bool = True, deterministic: bool = True, filter_eps: float = 0.0,
-                       vocab_splits: Optional[int] = None):
+                       vocab_splits: Optional[int] = None, weight_pass: str = "chunked",
+                       chunk_columns: Optional[int] = None):
     """(d_hidden [N, D], d_weight [V, D], d_bias [V]) in float32 for this shard; None where not needed.
 
     lse / set_lse are the merged (global) statistics, coef_* the per-row scalars of _rowmath.
     deterministic=False adds dense tiles with atomics (one logit recompute instead of two when dW is
     needed; not bitwise reproducible). filter_eps > 0 skips dense tiles whose every softmax probability is below filter_eps.
     vocab_splits: slices of the vocabulary for the deterministic d_hidden sweep when N is small (default:
-    enough to fill the GPU within _SPLIT_BYTES of float32 partials; 1 under the interpreter)."""
+    enough to fill the GPU within _SPLIT_BYTES of float32 partials; 1 under the interpreter).
+    weight_pass (deterministic, d_weight needed): "chunked" (default) recomputes the logits once per
+    vocabulary chunk of chunk_columns ids (default: _CHUNK_BYTES of gradient in the input dtype), writes
+    the chunk's logit gradient and multiplies it out for dH and dW (6 N D V flops); "sweep" runs the
+    d_hidden sweep and a d_weight sweep, each recomputing the logits (8 N D V flops, no [N, chunk] buffer)."""
     _check(hidden, weight, bias)
     cap = _softcap_arg(softcap)
     need_bias = bool(need_bias and bias is not None)
@@ -236,7 +296,12 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         b = configs.choose(cfg_name, hidden.dtype, hidden.device).blocks
         return b["BLOCK_M"], b["BLOCK_N"]
 
-    if deterministic:
+    if weight_pass not in ("chunked", "sweep"):
+        raise ValueError(f'weight_pass must be "chunked" or "sweep", got {weight_pass!r}')
+    if deterministic and need_weight and weight_pass == "chunked":
+        _chunked_dense_grads(hidden, weight, bias, lse, coef_dense, d_hidden, d_weight, d_bias, cap, filter_eps,
+                             chunk_columns)
+    elif deterministic:
         if need_hidden:
             bm, bn = tiles("dense_grad_h")
             splits = vocab_splits

@@ -51,6 +51,15 @@ _GPU = {
                                         "GROUP": 1}, 8, 2),
         "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 1}, 8, 2),
     },
+    "dense_grad_chunk": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 64,
+                                        "GROUP": 1}, 8, 3),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 1}, 8, 2),
+    },
+    "chunk_matmul": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, 8, 2),
+    },
     "sparse_logits": {
         "16bit": LaunchConfig("16bit", {"BLOCK_R": 16, "BLOCK_K": 128}, 4, 1),
         "fp32": LaunchConfig("fp32", {"BLOCK_R": 16, "BLOCK_K": 128}, 4, 1),
@@ -84,6 +93,13 @@ _ARCH_OVERRIDES = {
             "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64,
                                             "GROUP": 1}, 8, 2),
         },
+        "dense_grad_chunk": {
+            "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 64,
+                                            "GROUP": 1}, 8, 4),
+        },
+        "chunk_matmul": {
+            "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 4),
+        },
     },
 }
 
@@ -98,6 +114,9 @@ _INTERPRETER = {
                                                "GROUP": 3}, 4, 1),
     "dense_grad_atomic": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64,
                                                     "BLOCK_D": 64, "GROUP": 1}, 4, 1),
+    "dense_grad_chunk": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_D": 64,
+                                                   "GROUP": 1}, 4, 1),
+    "chunk_matmul": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2}, 4, 1),
     "sparse_logits": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_hidden": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_weight": LaunchConfig("interpret", {"BLOCK_U": 256, "BLOCK_K": 128}, 4, 1),

@@ -16,6 +16,10 @@ Accumulators are float32 buffers. Who owns which output decides the grid (OWNER,
                slices in order) and sweeps the slice in order: deterministic.
     OWNER = 2  grid (P,): persistent programs; program p owns the vocabulary tiles p, p + P, ... of dW
                and db and sweeps all rows in order for each: deterministic.
+    OWNER = 3  grid (cdiv(N, BLOCK_M), cdiv(V, BLOCK_N)): writes dr of every tile to scratch [N, V] (row
+               stride `chunk`) in the input dtype. The caller passes one vocabulary chunk of W / b as
+               (V = chunk width) and multiplies the result out with chunk_matmul.py: the logits are
+               recomputed once for dH and dW together, deterministically.
 
 OWNER 1 and 2 work in groups of GROUP tiles: phase 1 recomputes GROUP logit tiles and parks their dr
 (in the input dtype) in the program's own scratch slab [BLOCK_M, GROUP * BLOCK_N] (L2-resident);
@@ -171,6 +175,17 @@ def _dense_grad_kernel(
                     out_ok = row_ok[:, None] & d_ok[None, :]
                     tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc, mask=out_ok)
             tl.debug_barrier()  # everyone has read the slab before the next group overwrites it
+
+    elif OWNER == 3:
+        rows = pid0 * BLOCK_M + am
+        cols = pid1 * BLOCK_N + an
+        dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
+                                    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
+        if FILTER:
+            dz = tl.where(pmax >= filter_eps, dz, 0.0)
+        tl.store(scratch_ptr + rows.to(tl.int64)[:, None] * chunk + cols[None, :], dz.to(op_ty),
+                 mask=(rows < N)[:, None] & (cols < V)[None, :])
 
     else:
         # persistent: vocabulary tiles pid0, pid0 + P, ...; sweep all rows in groups for each

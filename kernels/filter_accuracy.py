@@ -24,7 +24,8 @@ def main(n=128, v=8192, d=64, scale=2.0, eps_list=(0.0, 2.0 ** -20, 2.0 ** -16, 
     if configs.interpreting():
         gpu_like = configs.LaunchConfig("gpu-like", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 64,
                                                      "GROUP": 8}, 4, 1)
-        configs._INTERPRETER["dense_grad_h"] = configs._INTERPRETER["dense_grad_w"] = gpu_like
+        for name in ("dense_grad_h", "dense_grad_w", "dense_grad_chunk"):
+            configs._INTERPRETER[name] = gpu_like
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g)

@@ -42,6 +42,11 @@ def _plan():
                                        ("dense_grad_atomic", 0, dict(DO_DH=True, DO_DW=True, DO_DB=True))):
             plan.append((cfg_name, cls, dt, dict(OWNER=owner, HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True,
                                                  **flags)))
+        plan.append(("dense_grad_chunk", cls, dt, dict(OWNER=3, DO_DH=False, DO_DW=False, DO_DB=False,
+                                                       HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True)))
+        # dH += dR_c @ W_c (A row-major) and dW_c = dR_c^T @ H (A a transposed view)
+        plan.append(("chunk_matmul", cls, dt, dict(ACCUMULATE=True, A_TRANSPOSED=False)))
+        plan.append(("chunk_matmul", cls, dt, dict(ACCUMULATE=False, A_TRANSPOSED=True)))
         plan.append(("sparse_logits", cls, dt, dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SOFT=True, REDUCE=True,
                                                     STORE_Z=False)))
         plan.append(("sparse_logits", cls, dt, dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SOFT=False,
@@ -64,7 +69,7 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
     import triton
     from triton.compiler import ASTSource
 
-    from . import dense_grad, dense_stats, sparse_grad_hidden, sparse_grad_weight, sparse_logits
+    from . import chunk_matmul, dense_grad, dense_stats, sparse_grad_hidden, sparse_grad_weight, sparse_logits
 
     fp = _PTR[dt]
     if kernel == "dense_stats":
@@ -80,6 +85,14 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
                    filter_eps="fp32",
                    stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32", stride_b="i32")
         extra = dict(UPCAST=False, DOT_PRECISION="ieee")
+    elif kernel == "chunk_matmul":
+        fn = chunk_matmul._chunk_matmul_kernel
+        sig = dict(a_ptr=fp, b_ptr=fp, c_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
+                   stride_ak="i32", stride_bk="i32", stride_bn="i32", stride_cm="i32", stride_cn="i32")
+        features = dict(features)
+        transposed = features.pop("A_TRANSPOSED")
+        extra = dict(UPCAST=False, DOT_PRECISION="ieee", stride_bn=1, stride_cn=1,
+                     **({"stride_am": 1} if transposed else {"stride_ak": 1}))
     elif kernel == "sparse_logits":
         fn = sparse_logits._sparse_logits_kernel
         sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, ids_ptr="*i64", soft_w_ptr="*fp32", z_ptr="*fp32",
@@ -108,8 +121,11 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
     for k in jit_fn.arg_names:
         sig.setdefault(k, "constexpr")
     sig = {k: sig[k] for k in jit_fn.arg_names}
-    aligned = [i for i, k in enumerate(jit_fn.arg_names)
-               if sig[k].startswith("*") or k in ("D", "stride_hn", "stride_wv")]
+    # row strides and D (multiples of 16 for the usual model shapes); chunk is a multiple of BLOCK_N
+    multiples = {"D", "stride_hn", "stride_wv", "chunk"}
+    if kernel == "chunk_matmul":  # M, K: rows and chunk width of dR_c; N: D
+        multiples |= {"N", "stride_am", "stride_ak", "stride_bk", "stride_cm"}
+    aligned = [i for i, k in enumerate(jit_fn.arg_names) if sig[k].startswith("*") or k in multiples]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return ASTSource(fn=jit_fn, signature=sig, constexprs=constexprs, attrs=attrs)
 
@@ -159,7 +175,8 @@ def compile_one(item):
         spill_bytes=grab(r"(\d+) bytes spill stores") + grab(r"(\d+) bytes spill loads"),
         stack_bytes=grab(r"(\d+) bytes stack frame"),
         shared_bytes=int(compiled.metadata.shared), shared_limit=SHARED_LIMIT.get(arch, 48 * 1024),
-        has_hgmma="HGMMA" in sass, matmul=kernel.startswith("dense_"), launch_config=kernel,
+        has_hgmma="HGMMA" in sass, matmul=kernel.startswith("dense_") or kernel == "chunk_matmul",
+        launch_config=kernel,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, blocks=dict(cfg.blocks), function=name,
     )
 

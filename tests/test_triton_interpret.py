@@ -207,7 +207,10 @@ CASES = [
      dict(soft=True, shard=(0, 2050), softcap=30.0)),
     ("big-fp32-atomic-splits", (130, 4099, 80), 16, torch.float32,
      dict(bias=True, deterministic=False, vocab_splits=3)),
-    ("big-bf16-soft-splits", (130, 4099, 80), 3, torch.bfloat16, dict(soft=True, vocab_splits=4, softcap=10.0)),
+    ("big-bf16-soft-splits-sweep", (130, 4099, 80), 3, torch.bfloat16,
+     dict(soft=True, vocab_splits=4, softcap=10.0, bias=True, weight_pass="sweep")),
+    ("small-fp32-sweep", (37, 1001, 48), 5, torch.float32, dict(bias=True, weight_pass="sweep")),
+    ("small-bf16-one-chunk", (37, 1001, 48), 5, torch.bfloat16, dict(bias=True, chunk_columns=4096)),
 ]
 
 

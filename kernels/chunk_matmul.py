@@ -1,0 +1,57 @@
+"""Matrix product with a float32 accumulator, for one vocabulary chunk of the backward.
+
+Formula, for A [M, K] and B [K, N] in the input dtype (any strides, so transposed views are free) and
+C [M, N] float32:
+
+    C[m, n] = (C[m, n] if ACCUMULATE else 0) + sum_k A[m, k] * B[k, n]
+
+Used with the chunk's logit gradient dR_c [N_rows, V_c] (written by `_dense_grad_kernel`, OWNER = 3):
+dH += dR_c @ W_c (ACCUMULATE) and dW_c = dR_c^T @ H. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+programs in GROUP_M-row bands (consecutive programs share B tiles in L2); each program owns one C tile,
+so there are no races and no atomics.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * tiles_n)
+    first_m = band * GROUP_M
+    band_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % band_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // band_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        k64 = k.to(tl.int64)
+        a = tl.load(a_ptr + rm64[:, None] * stride_am + k64[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + k64[:, None] * stride_bk + rn64[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    c = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+    c_ok = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c, mask=c_ok, other=0.0)
+    tl.store(c, acc, mask=c_ok)
