@@ -9,18 +9,20 @@ Forward (`triton_partial_stats`):
     ids) and reduces them to target_logit, set_lse (online log-sum-exp) and soft_dot.
 
 Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms:
-  * `_dense_grad_kernel` recomputes the logits tile by tile and adds coef_dense * softmax to dH, dW, db.
-    deterministic=True (default): one launch where each program owns row tiles of dH and sweeps the
-    vocabulary (in slices when N is small), and (only when dW or db is needed) one persistent launch
-    where each program owns vocabulary tiles of dW/db and sweeps the rows. Both park GROUP gradient
-    tiles in a per-program scratch slab and multiply them out together, so the float32 output is
-    read-modified-written once per GROUP tiles. No atomics, bitwise-reproducible; the logits are
-    recomputed twice when dW is needed (8 N D V flops instead of 6). deterministic=False: one launch
-    over (row tile, vocab tile) pairs adding with float32 atomics (6 N D V flops, not reproducible).
+  * dense part, deterministic (default, no atomics, bitwise-reproducible):
+      - trainable head (weight_pass="chunked"): for each vocabulary chunk (<= _CHUNK_BYTES of gradient),
+        `_dense_grad_kernel` (OWNER 3) recomputes the logit tiles once and writes the chunk's gradient
+        dR_c [N, V_c] in the input dtype; `_chunk_matmul_kernel` then does dH += dR_c W_c and
+        dW_c = dR_c^T H (float32 accumulators), db_c = column sums. 6 N D V flops in all.
+      - frozen head (need_weight=False): `_dense_grad_kernel` (OWNER 1) owns row tiles of dH and sweeps
+        the vocabulary (in slices when N is small), parking GROUP gradient tiles in a per-program scratch
+        slab and multiplying them out together; no [N, V_c] buffer. 4 N D V flops.
+      - weight_pass="sweep": OWNER 1 for dH plus a persistent OWNER 2 sweep for dW/db (8 N D V flops).
+    deterministic=False: OWNER 0, one launch over (row tile, vocab tile) pairs adding with float32
+    atomics (6 N D V flops, not reproducible, heavy atomic traffic).
   * the sparse terms (target and concept ids) are formed from their recomputed logits as one signed
     coefficient per (row, id), then `_sparse_grad_hidden_kernel` adds them into dH rows and
     `_sparse_grad_weight_kernel` into dW/db rows, the pairs sorted by id so no two programs touch one row.
-  * frozen heads (need_weight=False, no bias grad) launch nothing for dW / db.
   * filter_eps > 0 drops dense tiles whose every softmax probability is below filter_eps (off by default).
 
 All accumulation is float32; gradients are returned in float32 (the caller casts).

@@ -4,7 +4,8 @@ One kernel per module, each starting with the formula it computes and its grid:
 
   dense_stats         forward: online max / arg-max / log-sum-exp over vocabulary slices (tl.dot tiles)
   sparse_logits       forward: indexed dot at the target / concept ids -> target logit, set lse, soft dot
-  dense_grad          backward: recomputed logit tiles -> coef * softmax into dH, dW, db
+  dense_grad          backward: recomputed logit tiles -> coef * softmax (a chunk buffer, or dH / dW / db)
+  chunk_matmul        backward: dH += dR_c W_c and dW_c = dR_c^T H for one vocabulary chunk (fp32 accumulate)
   sparse_grad_hidden  backward: signed sparse coefficients at the K+1 ids per row into dH
   sparse_grad_weight  backward: the same coefficients, grouped by id, into dW / db (no atomics)
 
