@@ -21,6 +21,7 @@ from ._reference import reference_rows
 from ._rowmath import grad_coefficients, reduce_rows, row_terms, upstream_per_row
 
 IMPLS = ("auto", "reference", "torch", "triton")
+KERNEL_OPTIONS = ("deterministic", "filter_eps", "weight_pass", "vocab_splits", "chunk_columns")
 
 
 class ConceptStats(NamedTuple):
@@ -66,7 +67,8 @@ class _FusedConceptLoss(torch.autograd.Function):
     "none") the backward recomputes the logits chunk by chunk / tile by tile."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, canon: Canonical, impl, reduction, margin, softcap, z_loss):
+    def forward(ctx, hidden, weight, bias, canon: Canonical, impl, reduction, margin, softcap, z_loss,
+                kernel_options):
         needs = ctx.needs_input_grad
         need_hidden, need_weight, need_bias = needs[0], needs[1], bias is not None and needs[2]
         any_grad = need_hidden or need_weight or need_bias
@@ -87,6 +89,7 @@ class _FusedConceptLoss(torch.autograd.Function):
                           beta=canon.beta, margin=margin, z_loss=z_loss, soft=canon.soft)
         loss = reduce_rows(terms.loss, canon.valid, reduction)
         ctx.impl, ctx.reduction, ctx.softcap, ctx.z_loss = impl, reduction, softcap, z_loss
+        ctx.kernel_options = kernel_options
         ctx.canon = canon
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.need = (need_hidden, need_weight, need_bias)
@@ -115,10 +118,10 @@ class _FusedConceptLoss(torch.autograd.Function):
                 canon.hidden, canon.weight, canon.bias, canon.targets, canon.set_ids, canon.soft_ids,
                 canon.soft_weights, vocab_start=0, softcap=ctx.softcap, lse=lse, set_lse=set_lse,
                 coef_dense=coefs[0], coef_target=coefs[1], coef_set=coefs[2], need_hidden=need_hidden,
-                need_weight=need_weight, need_bias=need_bias)
+                need_weight=need_weight, need_bias=need_bias, **ctx.kernel_options)
         out = [None if gr is None or not need else gr.to(dt)
                for gr, need, dt in zip(grads, ctx.need, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None
 
 
 def concept_loss(
@@ -140,6 +143,7 @@ def concept_loss(
     z_loss: float = 0.0,
     impl: str = "auto",
     return_stats: bool = False,
+    kernel_options: Optional[dict] = None,
 ):
     """Next-token cross-entropy mixed with the concept loss, from hidden states and the LM head.
 
@@ -164,6 +168,9 @@ def concept_loss(
         ntp_weight, concept_weight: floats or tensors shaped like targets (no gradient).
         impl: "auto" | "reference" | "torch" | "triton".
         return_stats: also return `ConceptStats(lse, ce, mass, argmax)`, shaped like targets.
+        kernel_options: Triton backward switches (impl "triton" only): `deterministic` (default True:
+            no atomics, bitwise-repeatable), `filter_eps` (skip gradient tiles whose softmax values
+            are all below it; default 0 = off), `weight_pass` ("chunked" | "sweep"); see kernels/README.md.
 
     Returns:
         the loss (a scalar, or per-row shaped like targets for reduction="none"), and the stats when asked.
@@ -178,13 +185,19 @@ def concept_loss(
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)')
+    kernel_options = dict(kernel_options or {})
+    unknown = set(kernel_options) - set(KERNEL_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown kernel_options {sorted(unknown)}; known: {list(KERNEL_OPTIONS)}")
+    if kernel_options and which != "triton":
+        raise ValueError(f'kernel_options apply to impl="triton" only, but impl resolved to {which!r}')
     if which == "reference":
         stats, terms = reference_rows(canon, softcap=softcap, margin=margin, z_loss=z_loss)
         loss = reduce_rows(terms.loss, canon.valid, reduction)
         lse, ce, mass, argmax = stats.lse.detach(), terms.ce.detach(), terms.mass.detach(), stats.argmax
     else:
         loss, lse, ce, mass, argmax = _FusedConceptLoss.apply(
-            canon.hidden, weight, bias, canon, which, reduction, margin, softcap, float(z_loss))
+            canon.hidden, weight, bias, canon, which, reduction, margin, softcap, float(z_loss), kernel_options)
     shape = canon.lead_shape
     if reduction == "none":
         loss = loss.reshape(shape)
@@ -235,13 +248,14 @@ class ConceptLoss(nn.Module):
 
     def __init__(self, *, ntp_weight=1.0, concept_weight=1.0, margin=None, mode="marginal",
                  include_target=True, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0,
-                 impl="auto", return_stats=False):
+                 impl="auto", return_stats=False, kernel_options=None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.options = dict(ntp_weight=ntp_weight, concept_weight=concept_weight, margin=margin, mode=mode,
                             include_target=include_target, ignore_index=ignore_index, reduction=reduction,
-                            softcap=softcap, z_loss=z_loss, impl=impl, return_stats=return_stats)
+                            softcap=softcap, z_loss=z_loss, impl=impl, return_stats=return_stats,
+                            kernel_options=kernel_options)
 
     def forward(self, hidden, weight, targets, concepts=None, bias=None, concept_probs=None):
         return concept_loss(hidden, weight, targets, concepts, bias=bias, concept_probs=concept_probs,

@@ -35,9 +35,10 @@ def make_inputs(n=37, v=1001, d=48, k=5, *, seed=0, dtype=torch.float32, bias=Tr
     return h, w, b, y, c, p
 
 
-def check_against_contract(impl, h, w, b, y, c, p=None, tol=2e-5, grad_tol=None, **opts):
+def check_against_contract(impl, h, w, b, y, c, p=None, tol=2e-5, grad_tol=None, kernel_options=None, **opts):
     grad_tol = grad_tol or tol * 5
-    loss, stats = fc.concept_loss(h, w, y, c, bias=b, concept_probs=p, impl=impl, return_stats=True, **opts)
+    loss, stats = fc.concept_loss(h, w, y, c, bias=b, concept_probs=p, impl=impl, return_stats=True,
+                                  kernel_options=kernel_options, **opts)
     h64, w64, b64 = as_float64(h, w, b)
     p64 = None if p is None else p.double()
     ref, ref_stats = contract_loss(h64, w64, y, c, bias=b64, concept_probs=p64, **opts)

@@ -154,3 +154,14 @@ def test_large_n_times_v_beyond_int32():
     assert rel_err(loss[rows], ref) < 1e-5
     assert rel_err(stats.lse[rows], ref_stats["lse"]) < 1e-6
     assert torch.equal(stats.argmax[rows], ref_stats["argmax"])
+
+
+def test_kernel_options_are_checked_and_reach_the_triton_backward():
+    h, w, b, y, c, _ = make_inputs(n=12, v=130, d=16, k=3)
+    with pytest.raises(ValueError, match="unknown kernel_options"):
+        fc.concept_loss(h, w, y, c, impl="triton", kernel_options={"fast": True})
+    with pytest.raises(ValueError, match='impl="triton" only'):
+        fc.concept_loss(h, w, y, c, impl="torch", kernel_options={"deterministic": False})
+    # the atomic (non-deterministic) backward and the tile filter at 0 still give the contract's gradient
+    check_against_contract("triton", h, w, b, y, c, margin=0.05, reduction="sum", tol=1e-4,
+                           kernel_options={"deterministic": False, "filter_eps": 0.0})
