@@ -11,9 +11,12 @@ Forward (`triton_partial_stats`):
 Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms:
   * dense part, deterministic (default, no atomics, bitwise-reproducible):
       - trainable head (weight_pass="chunked"): for each vocabulary chunk (<= _CHUNK_BYTES of gradient),
-        `_dense_grad_kernel` (OWNER 3) recomputes the logit tiles once and writes the chunk's gradient
-        dR_c [N, V_c] in the input dtype; `_chunk_matmul_kernel` then does dH += dR_c W_c and
-        dW_c = dR_c^T H (float32 accumulators), db_c = column sums. 6 N D V flops in all.
+        `_dense_grad_kernel` (OWNER 3) recomputes the logit tiles once, adds the sparse terms at the
+        target / concept ids to the float32 tile and writes the chunk's gradient dR_c [N, V_c] in the
+        input dtype (one rounding); `_chunk_matmul_kernel` then does dH += dR_c W_c (float32 dH, summed
+        over the chunks) and dW_c = dR_c^T H (float32 accumulators, stored in the weight's dtype: each
+        dW_c is complete within its chunk), db_c = float32 column sums stored in the bias's dtype.
+        6 N D V flops in all; no sparse kernels.
       - frozen head (need_weight=False): `_dense_grad_kernel` (OWNER 1) owns row tiles of dH and sweeps
         the vocabulary (in slices when N is small), parking GROUP gradient tiles in a per-program scratch
         slab and multiplying them out together; no [N, V_c] buffer. 4 N D V flops.
@@ -21,11 +24,14 @@ Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse 
     deterministic=False: OWNER 0, one launch over (row tile, vocab tile) pairs adding with float32
     atomics (6 N D V flops, not reproducible, heavy atomic traffic).
   * the sparse terms (target and concept ids) are formed from their recomputed logits as one signed
-    coefficient per (row, id), then `_sparse_grad_hidden_kernel` adds them into dH rows and
-    `_sparse_grad_weight_kernel` into dW/db rows, the pairs sorted by id so no two programs touch one row.
+    coefficient per (row, id). Chunked pass: added inside the dR_c tiles (above). Other passes:
+    `_sparse_grad_hidden_kernel` adds them into dH rows and `_sparse_grad_weight_kernel` into dW/db
+    rows, the pairs sorted by id so no two programs touch one row.
   * filter_eps > 0 drops dense tiles whose every softmax probability is below filter_eps (off by default).
 
-All accumulation is float32; gradients are returned in float32 (the caller casts).
+All accumulation is float32. d_hidden is returned in float32 (it sums partial products over vocabulary
+chunks / slices); d_weight and d_bias come back in the weight's / bias's dtype from the chunked pass (no
+float32 [V, D] buffer, and the caller's cast is a no-op) and in float32 from the sweep / atomic passes.
 """
 from __future__ import annotations
 
@@ -189,7 +195,8 @@ def _signed_sparse_coefs(z, ids, *, n_set, soft_weights, vocab_start, v, softcap
 
 
 def _matmul(a: Tensor, b: Tensor, c: Tensor, *, accumulate: bool) -> None:
-    """c (float32) = [c +] a @ b with `_chunk_matmul_kernel`; a, b any-strided views in the input dtype."""
+    """c = [c +] a @ b with `_chunk_matmul_kernel` (float32 accumulator, cast to c's dtype at the store;
+    c is float32 when accumulate); a, b any-strided views in the input dtype."""
     m, k = a.shape
     n = b.shape[1]
     cfg = configs.choose("chunk_matmul", a.dtype, a.device)
@@ -200,11 +207,13 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, *, accumulate: bool) -> None:
                                num_stages=cfg.num_stages, **cfg.blocks)
 
 
-def _chunked_dense_grads(hidden, weight, bias, lse, coef_dense, d_hidden, d_weight, d_bias, cap, filter_eps,
-                         chunk_columns):
-    """Dense part of dH / dW / db, one vocabulary chunk at a time: the chunk's logit gradient
-    dR_c = coef * softmax (x softcap derivative) is written once ([N, V_c], input dtype), then
-    dH += dR_c @ W_c, dW_c = dR_c^T @ H, db_c = column sums of dR_c. Deterministic, no atomics."""
+def _chunked_grads(hidden, weight, bias, lse, coef_dense, loc, s, d_hidden, d_weight, d_bias, cap, filter_eps,
+                   chunk_columns):
+    """dH / dW / db, one vocabulary chunk at a time: the chunk's logit gradient dR_c = coef * softmax
+    (x softcap derivative) + the sparse terms s at the shard-local ids loc, formed in float32 and written
+    once ([N, V_c], input dtype), then dH += dR_c @ W_c (float32 dH, accumulated over the chunks),
+    dW_c = dR_c^T @ H (float32 accumulators, stored in d_weight's dtype: complete within its chunk),
+    db_c = float32 column sums of dR_c stored in d_bias's dtype. Deterministic, no atomics."""
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -225,7 +234,7 @@ def _chunked_dense_grads(hidden, weight, bias, lse, coef_dense, d_hidden, d_weig
         b_c = None if bias is None else bias[c0:c1]
         _dense_grad_kernel[(triton.cdiv(n, bm), triton.cdiv(c1 - c0, bn))](
             hidden, w_c, b_c, lse, coef_dense, lse, lse, lse, grad,
-            n, c1 - c0, d, width, cap, float(filter_eps),
+            n, c1 - c0, d, width, cap, float(filter_eps), loc, s, loc.shape[1], c0,
             hidden.stride(0), hidden.stride(1), w_c.stride(0), w_c.stride(1),
             0 if b_c is None else b_c.stride(0),
             OWNER=3, DO_DH=False, DO_DW=False, DO_DB=False, UPCAST=configs.interpreting(),
@@ -247,7 +256,10 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                        need_bias: bool = True, deterministic: bool = True, filter_eps: float = 0.0,
                        vocab_splits: Optional[int] = None, weight_pass: str = "chunked",
                        chunk_columns: Optional[int] = None):
-    """(d_hidden [N, D], d_weight [V, D], d_bias [V]) in float32 for this shard; None where not needed.
+    """(d_hidden [N, D], d_weight [V, D], d_bias [V]) for this shard; None where not needed.
+
+    d_hidden is float32. d_weight / d_bias are in the weight's / bias's dtype on the chunked pass (the
+    default for a trainable head) and float32 on weight_pass="sweep" and deterministic=False.
 
     lse / set_lse are the merged (global) statistics, coef_* the per-row scalars of _rowmath.
     deterministic=False adds dense tiles with atomics (one logit recompute instead of two when dW is
@@ -264,10 +276,16 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
+    if weight_pass not in ("chunked", "sweep"):
+        raise ValueError(f'weight_pass must be "chunked" or "sweep", got {weight_pass!r}')
+    # chunked: every dW / db row is complete within its chunk, so it is stored in the input dtype (float32
+    # accumulators, one rounding at the store); the other passes accumulate into float32 buffers
+    chunked = deterministic and need_weight and weight_pass == "chunked"
     f32 = dict(dtype=torch.float32, device=dev)
-    d_hidden = torch.zeros((n, d), **f32) if need_hidden else None
-    d_weight = torch.zeros((v, d), **f32) if need_weight else None
-    d_bias = torch.zeros((v,), **f32) if need_bias else None
+    alloc = torch.empty if chunked and n > 0 else torch.zeros  # chunked: every row is written
+    d_hidden = torch.zeros((n, d), **f32) if need_hidden else None  # sums over chunks: float32
+    d_weight = alloc((v, d), dtype=weight.dtype if chunked else torch.float32, device=dev) if need_weight else None
+    d_bias = alloc((v,), dtype=bias.dtype if chunked else torch.float32, device=dev) if need_bias else None
     if n == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
     if filter_eps < 0:
@@ -287,7 +305,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         _dense_grad_kernel[grid](
             hidden, weight, bias, lse, coef_dense,
             dh_buf if do_dh else dummy, d_weight if do_dw else dummy, d_bias if do_db else dummy, scratch,
-            n, v, d, chunk, cap, float(filter_eps),
+            n, v, d, chunk, cap, float(filter_eps), dummy, dummy, 0, 0,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             0 if bias is None else bias.stride(0),
             OWNER=owner, DO_DH=do_dh, DO_DW=do_dw, DO_DB=do_db, UPCAST=configs.interpreting(),
@@ -298,12 +316,24 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         b = configs.choose(cfg_name, hidden.dtype, hidden.device).blocks
         return b["BLOCK_M"], b["BLOCK_N"]
 
-    if weight_pass not in ("chunked", "sweep"):
-        raise ValueError(f'weight_pass must be "chunked" or "sweep", got {weight_pass!r}')
-    if deterministic and need_weight and weight_pass == "chunked":
-        _chunked_dense_grads(hidden, weight, bias, lse, coef_dense, d_hidden, d_weight, d_bias, cap, filter_eps,
-                             chunk_columns)
-    elif deterministic:
+    # sparse terms at the target / concept ids: one signed coefficient per (row, id)
+    ids = _id_table(targets, set_ids, soft_ids)
+    n_set = set_ids.shape[1]
+    z, _, _, _ = _sparse_logits(hidden, weight, bias, ids, None, n_set, vocab_start=vocab_start, softcap=cap,
+                                reduce=False, store_z=True)
+    s = _signed_sparse_coefs(z, ids, n_set=n_set, soft_weights=soft_weights, vocab_start=vocab_start, v=v,
+                             softcap=cap, set_lse=set_lse.to(torch.float32), coef_target=coef_target,
+                             coef_set=coef_set).contiguous()
+    if chunked:
+        # the sparse terms go into each chunk's float32 logit-gradient tiles (before their one rounding)
+        # and reach dH / dW / db through the chunk products: no sparse kernels, no read-modify-write of
+        # input-dtype dW rows
+        hit = (ids >= vocab_start) & (ids < vocab_start + v)
+        loc = torch.where(hit, ids - vocab_start, torch.full_like(ids, -1)).to(torch.int32).contiguous()
+        _chunked_grads(hidden, weight, bias, lse, coef_dense, loc, s, d_hidden, d_weight, d_bias, cap,
+                       filter_eps, chunk_columns)
+        return d_hidden, d_weight, d_bias
+    if deterministic:
         if need_hidden:
             bm, bn = tiles("dense_grad_h")
             splits = vocab_splits
@@ -328,14 +358,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         launch("dense_grad_atomic", (triton.cdiv(n, bm), triton.cdiv(v, bn)), 0, need_hidden, need_weight,
                need_bias, d_hidden)
 
-    # sparse terms at the target / concept ids
-    ids = _id_table(targets, set_ids, soft_ids)
-    n_set = set_ids.shape[1]
-    z, _, _, _ = _sparse_logits(hidden, weight, bias, ids, None, n_set, vocab_start=vocab_start, softcap=cap,
-                                reduce=False, store_z=True)
-    s = _signed_sparse_coefs(z, ids, n_set=n_set, soft_weights=soft_weights, vocab_start=vocab_start, v=v,
-                             softcap=cap, set_lse=set_lse.to(torch.float32), coef_target=coef_target,
-                             coef_set=coef_set).contiguous()
+    # sparse terms of the sweep / atomic passes: added into the float32 dH / dW / db rows
     j = ids.shape[1]
     if need_hidden:
         c = configs.choose("sparse_grad_hidden", hidden.dtype, hidden.device)

@@ -1,14 +1,16 @@
 """Matrix product with a float32 accumulator, for one vocabulary chunk of the backward.
 
-Formula, for A [M, K] and B [K, N] in the input dtype (any strides, so transposed views are free) and
-C [M, N] float32:
+Formula, for A [M, K] and B [K, N] in the input dtype (any strides, so transposed views are free):
 
     C[m, n] = (C[m, n] if ACCUMULATE else 0) + sum_k A[m, k] * B[k, n]
 
+accumulated in float32 and cast to C's dtype once, at the store. C is float32 when it accumulates across
+launches (ACCUMULATE); otherwise it may be in the input dtype (the result is complete in one launch).
+
 Used with the chunk's logit gradient dR_c [N_rows, V_c] (written by `_dense_grad_kernel`, OWNER = 3):
-dH += dR_c @ W_c (ACCUMULATE) and dW_c = dR_c^T @ H. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
-programs in GROUP_M-row bands (consecutive programs share B tiles in L2); each program owns one C tile,
-so there are no races and no atomics.
+dH += dR_c @ W_c (ACCUMULATE, float32 dH) and dW_c = dR_c^T @ H (written in the weight's dtype).
+Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs in GROUP_M-row bands (consecutive programs share B
+tiles in L2); each program owns one C tile, so there are no races and no atomics.
 """
 import triton
 import triton.language as tl
@@ -53,5 +55,5 @@ def _chunk_matmul_kernel(
     c = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
     c_ok = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
-        acc += tl.load(c, mask=c_ok, other=0.0)
-    tl.store(c, acc, mask=c_ok)
+        acc += tl.load(c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_ok)

@@ -6,7 +6,8 @@ Formula, with the GLOBAL per-row statistics lse_i and one scalar coefficient c_i
     dr_iv  = c_i * exp(z_iv - lse_i) * (1 - (z_iv / softcap)^2)         (last factor only with softcap)
     dH_i  += sum_v dr_iv W_v        dW_v += sum_i dr_iv h_i        db_v += sum_i dr_iv
 
-(the sparse part of the gradient, at the K+1 ids of each row, is added by the sparse kernels).
+(the sparse part of the gradient, at the K+1 ids of each row, is added by the sparse kernels, except
+with OWNER = 3, which adds it to the tile itself, below).
 Accumulators are float32 buffers. Who owns which output decides the grid (OWNER, a constexpr):
 
     OWNER = 0  grid (cdiv(N, BLOCK_M), cdiv(V, BLOCK_N)): one logit tile per program, its products
@@ -19,7 +20,13 @@ Accumulators are float32 buffers. Who owns which output decides the grid (OWNER,
     OWNER = 3  grid (cdiv(N, BLOCK_M), cdiv(V, BLOCK_N)): writes dr of every tile to scratch [N, V] (row
                stride `chunk`) in the input dtype. The caller passes one vocabulary chunk of W / b as
                (V = chunk width) and multiplies the result out with chunk_matmul.py: the logits are
-               recomputed once for dH and dW together, deterministically.
+               recomputed once for dH and dW together, deterministically. With HAS_SPARSE (J > 0) the
+               sparse terms are added to the float32 tile before its one rounding to the input dtype:
+               for j = 0 .. J-1 in order, dr[i, loc[i, j] - id_base] += sp[i, j], with loc [N, J] int32
+               the shard-local ids (-1 pads) and sp [N, J] float32 the signed sparse coefficients
+               (softcap derivative included). So dr = p - 1 at a confident target is formed in float32
+               (no cancellation against an already rounded p), and dH / dW / db get the sparse part
+               through the same products: no sparse kernels, no second rounding of dW rows.
 
 OWNER 1 and 2 work in groups of GROUP tiles: phase 1 recomputes GROUP logit tiles and parks their dr
 (in the input dtype) in the program's own scratch slab [BLOCK_M, GROUP * BLOCK_N] (L2-resident);
@@ -77,16 +84,17 @@ def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D
     "HAS_BIAS": lambda args: args["b_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
     "FILTER": lambda args: args["filter_eps"] > 0,
+    "HAS_SPARSE": lambda args: args["J"] > 0,
 })
 @triton.jit
 def _dense_grad_kernel(
     h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr, scratch_ptr,
-    N, V, D, chunk, softcap, filter_eps,
+    N, V, D, chunk, softcap, filter_eps, loc_ptr, sp_ptr, J, id_base,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP: tl.constexpr,
     OWNER: tl.constexpr, DO_DH: tl.constexpr, DO_DW: tl.constexpr, DO_DB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, HAS_SPARSE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
@@ -184,6 +192,14 @@ def _dense_grad_kernel(
                                     BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
         if FILTER:
             dz = tl.where(pmax >= filter_eps, dz, 0.0)
+        if HAS_SPARSE:
+            # the sparse terms are exact: added after the filter, in float32, in a fixed order (j)
+            row_ok = rows < N
+            rows64 = rows.to(tl.int64)
+            for j in range(0, J):
+                loc = tl.load(loc_ptr + rows64 * J + j, mask=row_ok, other=-1) - id_base
+                sp = tl.load(sp_ptr + rows64 * J + j, mask=row_ok, other=0.0)
+                dz += tl.where(loc[:, None] == cols[None, :], sp[:, None], 0.0)
         tl.store(scratch_ptr + rows.to(tl.int64)[:, None] * chunk + cols[None, :], dz.to(op_ty),
                  mask=(rows < N)[:, None] & (cols < V)[None, :])
 

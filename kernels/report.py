@@ -43,7 +43,8 @@ def _plan():
             plan.append((cfg_name, cls, dt, dict(OWNER=owner, HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True,
                                                  **flags)))
         plan.append(("dense_grad_chunk", cls, dt, dict(OWNER=3, DO_DH=False, DO_DW=False, DO_DB=False,
-                                                       HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True)))
+                                                       HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=True,
+                                                       HAS_SPARSE=True)))
         # dH += dR_c @ W_c (A row-major) and dW_c = dR_c^T @ H (A a transposed view)
         plan.append(("chunk_matmul", cls, dt, dict(ACCUMULATE=True, A_TRANSPOSED=False)))
         plan.append(("chunk_matmul", cls, dt, dict(ACCUMULATE=False, A_TRANSPOSED=True)))
@@ -82,12 +83,16 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
         fn = dense_grad._dense_grad_kernel
         sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, lse_ptr="*fp32", coef_ptr="*fp32", dh_ptr="*fp32",
                    dw_ptr="*fp32", db_ptr="*fp32", scratch_ptr=fp, N="i32", V="i32", D="i32", chunk="i32", softcap="fp32",
-                   filter_eps="fp32",
+                   filter_eps="fp32", loc_ptr="*i32", sp_ptr="*fp32", J="i32", id_base="i32",
                    stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32", stride_b="i32")
         extra = dict(UPCAST=False, DOT_PRECISION="ieee")
+        if "HAS_SPARSE" not in features:  # the sparse terms are fused into OWNER 3 only (J = 0 otherwise)
+            extra["HAS_SPARSE"] = False
     elif kernel == "chunk_matmul":
         fn = chunk_matmul._chunk_matmul_kernel
-        sig = dict(a_ptr=fp, b_ptr=fp, c_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
+        # dH accumulates in float32 (ACCUMULATE); dW_c is stored in the input dtype
+        sig = dict(a_ptr=fp, b_ptr=fp, c_ptr="*fp32" if features["ACCUMULATE"] else fp,
+                   M="i32", N="i32", K="i32", stride_am="i32",
                    stride_ak="i32", stride_bk="i32", stride_bn="i32", stride_cm="i32", stride_cn="i32")
         features = dict(features)
         transposed = features.pop("A_TRANSPOSED")
