@@ -380,7 +380,9 @@ def _train(config, model, tokenizer, data, rank, world, device, t_start) -> Dict
     t0 = time.time()
     if data is None:
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the builder's many one-token forwards run faster on one thread
+        # The builder's many tiny forwards gain ~1.5x from a second thread on idle cores but slow down up to
+        # 5x on busy ones (measured on the 2-core CI machine), so they run on one thread.
+        torch.set_num_threads(1)
         try:
             data = _build_data(config, text, model, tokenizer, rank, world)
         finally:
