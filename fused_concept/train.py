@@ -341,11 +341,25 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=N
     t_start = time.time()
     _validate(config)
     rank, world, device, created_group = _init_distributed(config)
+    finished = False
     try:
-        return _train(config, model, tokenizer, data, rank, world, device, t_start)
+        result = _train(config, model, tokenizer, data, rank, world, device, t_start)
+        finished = True
+        return result
     finally:
         if created_group:
+            if finished:
+                _quiesce()
             dist.destroy_process_group()
+
+
+def _quiesce() -> None:
+    """Free this run's DDP reducer and wait for every rank before the process group goes away (gloo can
+    abort at exit when a rank tears down while a peer or a leftover reducer still uses the group)."""
+    import gc
+
+    gc.collect()
+    dist.barrier()
 
 
 def _validate(config: TrainConfig) -> None:

@@ -84,10 +84,12 @@ def test_three_steps_match_float64_explicit_logits_training(tmp_path):
                                    config.lam, config.margin)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         scheduler.step()
         assert result["history"][step]["loss"] == pytest.approx(float(loss.detach()), rel=2e-4), step
+        # Adam hides a constant gradient scale; the pre-clip norm does not
+        assert result["history"][step]["grad_norm"] == pytest.approx(float(grad_norm), rel=2e-3), step
     assert result["history"][0]["loss"] != pytest.approx(result["history"][2]["loss"], rel=1e-3)  # it trained
     for trained, want in zip(model.parameters(), oracle.parameters()):
         torch.testing.assert_close(trained.detach().double(), want.detach(), rtol=2e-3, atol=2e-4)
@@ -106,7 +108,7 @@ def test_token_normalisation_independent_of_micro_batching(tmp_path):
     runs = [train(small_config(tmp_path / str(mb), micro_batch_size=mb, steps=2), model=tiny_model(), data=data)
             for mb in (1, 4)]
     for one, four in zip(runs[0]["history"], runs[1]["history"]):
-        for key in ("loss", "ce", "mass"):
+        for key in ("loss", "ce", "mass", "grad_norm"):
             assert one[key] == pytest.approx(four[key], rel=1e-5), key
     assert runs[0]["after"]["ppl"] == pytest.approx(runs[1]["after"]["ppl"], rel=1e-5)
 
@@ -129,7 +131,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 _TORCHRUN_SCRIPT = """
-import json, sys, torch, torch.distributed as dist
+import gc, json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_train import tiny_model, tiny_data, small_config
 from fused_concept.train import train
@@ -141,6 +143,8 @@ for name, extra in (("ddp", {{}}), ("vocab_parallel", {{"vocab_parallel": True}}
 if dist.get_rank() == 0:
     with open({out!r} + "/histories.json", "w") as handle:
         json.dump(out, handle)
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -156,7 +160,7 @@ def test_two_processes_match_one_process(tmp_path):
     histories = json.loads((tmp_path / "histories.json").read_text())
     for name in ("ddp", "vocab_parallel"):
         for one, two in zip(single, histories[name]):
-            for key in ("loss", "ce", "mass"):
+            for key in ("loss", "ce", "mass", "grad_norm"):
                 assert two[key] == pytest.approx(one[key], rel=1e-5), (name, key, one["step"])
     # only rank 0 wrote outputs; both runs wrote them
     assert (tmp_path / "ddp" / "metrics.json").exists() and (tmp_path / "vocab_parallel" / "metrics.json").exists()
