@@ -35,15 +35,26 @@ def _rows_per_chunk(n: int, v: int, chunk_rows: Optional[int]) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float]):
-    """Logits of a chunk in the accumulation dtype (float32, or float64 for float64 inputs), capped."""
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
+            out: Optional[Tensor] = None):
+    """Logits of a chunk in the accumulation dtype (float32, or float64 for float64 inputs), capped.
+    `out` is a reusable [rows, V] buffer: reusing it keeps the heap from growing chunk after chunk."""
     acc = _acc_dtype(h)
-    z = (h @ weight.t()).to(acc)
+    if out is not None and h.dtype == acc:
+        z = torch.mm(h, weight.t(), out=out[: h.shape[0]])
+    else:
+        z = (h @ weight.t()).to(acc)
     if bias is not None:
         z += bias.to(acc)
-    if softcap is None:
-        return z
-    return torch.tanh(z / softcap).mul_(softcap)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _chunk_buffers(n: int, v: int, step: int, hidden: Tensor, count: int):
+    """`count` reusable [step, V] buffers in the accumulation dtype (one per live chunk tensor)."""
+    rows = min(n, step)
+    return [torch.empty(rows, v, dtype=_acc_dtype(hidden), device=hidden.device) for _ in range(count)]
 
 
 def _local(ids: Tensor, vocab_start: int, v: int):
@@ -54,12 +65,12 @@ def _local(ids: Tensor, vocab_start: int, v: int):
 
 
 def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_start: int,
-                 keep_exp: bool = False):
+                 keep_exp: bool = False, exp_out: Optional[Tensor] = None):
     """Statistics of one chunk. With keep_exp, also returns e = exp(z - max) and its row sums,
     which the fused sweep turns into softmax(z) without a second exponential pass."""
     v = z.shape[1]
     best, arg = z.max(dim=1)
-    e = torch.sub(z, best[:, None])
+    e = torch.sub(z, best[:, None], out=None if exp_out is None else exp_out[: z.shape[0]])
     e.exp_()
     sumexp = e.sum(dim=1)
     lse = best + torch.log(sumexp)
@@ -123,13 +134,15 @@ def torch_partial_stats(hidden, weight, bias, targets, set_ids, soft_ids, soft_w
     """Step 1 of docs/internals.md over this shard's ids, one chunk of logits at a time."""
     n, v = hidden.shape[0], weight.shape[0]
     step = _rows_per_chunk(n, v, chunk_rows)
+    z_buf, e_buf = _chunk_buffers(n, v, step, hidden, 2)
     parts = []
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        z = _logits(hidden[lo:hi], weight, bias, softcap)
+        z = _logits(hidden[lo:hi], weight, bias, softcap, out=z_buf)
         parts.append(_chunk_stats(z, targets[lo:hi], set_ids[lo:hi],
                                   None if soft_ids is None else soft_ids[lo:hi],
-                                  None if soft_weights is None else soft_weights[lo:hi], vocab_start))
+                                  None if soft_weights is None else soft_weights[lo:hi], vocab_start,
+                                  exp_out=e_buf))
     if len(parts) == 1:
         return parts[0]
     return ShardStats(*(torch.cat(field) for field in zip(*parts)))
@@ -164,10 +177,11 @@ def torch_shard_grads(hidden, weight, bias, targets, set_ids, soft_ids, soft_wei
     need_bias = need_bias and bias is not None
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     step = _rows_per_chunk(n, v, chunk_rows)
+    (z_buf,) = _chunk_buffers(n, v, step, hidden, 1)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         h_c = hidden[lo:hi]
-        z = _logits(h_c, weight, bias, softcap)
+        z = _logits(h_c, weight, bias, softcap, out=z_buf)
         dz = _chunk_dlogits(z, targets[lo:hi], set_ids[lo:hi],  # overwrites z
                             None if soft_ids is None else soft_ids[lo:hi],
                             None if soft_weights is None else soft_weights[lo:hi], vocab_start, softcap,
@@ -186,6 +200,7 @@ def torch_stats_and_grads(canon, *, softcap, margin, z_loss, row_scale: Tensor,
     need_bias = need_bias and bias is not None
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     step = _rows_per_chunk(n, v, chunk_rows)
+    z_buf, e_buf = _chunk_buffers(n, v, step, hidden, 2)
     parts = []
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -193,9 +208,9 @@ def torch_stats_and_grads(canon, *, softcap, margin, z_loss, row_scale: Tensor,
         h_c = hidden[rows]
         soft_ids = None if canon.soft_ids is None else canon.soft_ids[rows]
         soft_w = None if canon.soft_weights is None else canon.soft_weights[rows]
-        z = _logits(h_c, weight, bias, softcap)
+        z = _logits(h_c, weight, bias, softcap, out=z_buf)
         st, e, sumexp = _chunk_stats(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0,
-                                     keep_exp=True)
+                                     keep_exp=True, exp_out=e_buf)
         parts.append(st)
         terms = row_terms(st, valid=canon.valid[rows], has_set=canon.has_set[rows], alpha=canon.alpha[rows],
                           beta=canon.beta[rows], margin=margin, z_loss=z_loss, soft=canon.soft)

@@ -68,8 +68,9 @@ class _FusedConceptLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, canon: Canonical, impl, reduction, margin, softcap, z_loss,
-                kernel_options):
-        needs = ctx.needs_input_grad
+                kernel_options, grad_mode):
+        # needs_input_grad ignores torch.no_grad(); grad_mode is what concept_loss saw outside forward
+        needs = [need and grad_mode for need in ctx.needs_input_grad]
         need_hidden, need_weight, need_bias = needs[0], needs[1], bias is not None and needs[2]
         any_grad = need_hidden or need_weight or need_bias
         fuse = impl == "torch" and any_grad and reduction != "none"
@@ -121,7 +122,7 @@ class _FusedConceptLoss(torch.autograd.Function):
                 need_weight=need_weight, need_bias=need_bias, **ctx.kernel_options)
         out = [None if gr is None or not need else gr.to(dt)
                for gr, need, dt in zip(grads, ctx.need, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None, None
 
 
 def concept_loss(
@@ -197,7 +198,8 @@ def concept_loss(
         lse, ce, mass, argmax = stats.lse.detach(), terms.ce.detach(), terms.mass.detach(), stats.argmax
     else:
         loss, lse, ce, mass, argmax = _FusedConceptLoss.apply(
-            canon.hidden, weight, bias, canon, which, reduction, margin, softcap, float(z_loss), kernel_options)
+            canon.hidden, weight, bias, canon, which, reduction, margin, softcap, float(z_loss), kernel_options,
+            torch.is_grad_enabled())
     shape = canon.lead_shape
     if reduction == "none":
         loss = loss.reshape(shape)
