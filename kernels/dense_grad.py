@@ -40,6 +40,8 @@ nothing (OWNER 0 skips its products; OWNER 1/2 zero it and skip phase 2 when the
 import triton
 import triton.language as tl
 
+from .logit_tile import logit_tile
+
 
 @triton.jit
 def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
@@ -51,31 +53,15 @@ def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D
     row_ok = rows < N
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < D
-        k_off = k.to(tl.int64)
-        h = tl.load(h_ptr + rows64[:, None] * stride_hn + k_off[None, :] * stride_hd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols64[:, None] * stride_wv + k_off[None, :] * stride_wd,
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0)
-        acc = softcap * t
+    acc = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, softcap,
+                     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                     BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
     lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
     prob = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
     dz = coef[:, None] * prob
     if HAS_SOFTCAP:
+        t = acc / softcap  # tanh of the raw logit / softcap
         dz = dz * (1.0 - t * t)
     return dz, tl.max(tl.max(prob, axis=1), axis=0)
 

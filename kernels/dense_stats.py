@@ -16,6 +16,8 @@ never written to memory.
 import triton
 import triton.language as tl
 
+from .logit_tile import logit_tile
+
 
 @triton.heuristics({
     "HAS_BIAS": lambda args: args["b_ptr"] is not None,
@@ -33,8 +35,6 @@ def _dense_stats_kernel(
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    h_row_off = rows.to(tl.int64) * stride_hn
-    ks = tl.arange(0, BLOCK_K)
     cols_in_tile = tl.arange(0, BLOCK_N)
 
     v_begin = split * chunk
@@ -47,26 +47,9 @@ def _dense_stats_kernel(
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + cols_in_tile
         col_ok = cols < v_end
-        w_col_off = cols.to(tl.int64) * stride_wv
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < D
-            k_off = k.to(tl.int64)
-            h = tl.load(h_ptr + h_row_off[:, None] + k_off[None, :] * stride_hd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + w_col_off[:, None] + k_off[None, :] * stride_wd,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_ok, other=0.0).to(tl.float32)
-            acc = acc + b[None, :]
-        if HAS_SOFTCAP:
-            # tanh(x) = 1 - 2 / (exp(2x) + 1); exact limits +-1 for large |x|
-            acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+        acc = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, softcap,
+                         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                         BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
 
         # NaN logits (NaN / inf inputs) are left out of max / argmax but reach the sum, so lse is NaN
