@@ -27,3 +27,23 @@ def paper_weights(targets: Tensor, concepts: Tensor, lam: float, ignore_index: i
     alpha = torch.where(content, (1.0 - lam) / n_valid, 1.0 / n_valid) * valid.float()
     beta = torch.where(content, lam / n_content, torch.zeros_like(alpha))
     return alpha.float(), beta.float()
+
+
+FIXED_BY_OBJECTIVE = ("ntp_weight", "concept_weight", "reduction", "include_target", "mode")
+
+
+def objective_loss_options(caller: str, loss_name: str, targets: Tensor, concepts, *, lam: float, margin,
+                           ignore_index: int, num_valid, num_content, options: dict) -> dict:
+    """Check the objective's arguments and return the keyword options that make `loss_name`
+    (concept_loss or its vocab-parallel twin) compute the paper's objective."""
+    for key in FIXED_BY_OBJECTIVE:
+        if key in options:
+            raise TypeError(f"{caller} fixes {key}; call {loss_name} to set it")
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if concepts is None:
+        raise ValueError(f"{caller} needs concepts; use {loss_name} for plain cross-entropy")
+    ntp_w, concept_w = paper_weights(targets, concepts, lam, ignore_index, num_valid=num_valid,
+                                     num_content=num_content)
+    return dict(options, ntp_weight=ntp_w.reshape(targets.shape), concept_weight=concept_w.reshape(targets.shape),
+                margin=margin, ignore_index=ignore_index, reduction="sum", include_target=True)

@@ -346,23 +346,13 @@ def vocab_parallel_concept_objective(hidden: Tensor, weight_shard: Tensor, targe
     objective") with the head split over `group`: the per-row weights of
     `_objective.paper_weights` and reduction "sum". `num_valid` / `num_content` override the local
     counts N_v and |T| (pass global counts when the batch itself is split across data-parallel ranks)."""
-    from ._objective import paper_weights
+    from ._objective import objective_loss_options
 
-    for key in ("ntp_weight", "concept_weight", "reduction", "include_target", "mode"):
-        if key in options:
-            raise TypeError(f"vocab_parallel_concept_objective fixes {key}; call vocab_parallel_concept_loss to set it")
-    if not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
-    if concepts is None:
-        raise ValueError("vocab_parallel_concept_objective needs concepts; use vocab_parallel_concept_loss "
-                         "for plain cross-entropy")
-    ntp_w, concept_w = paper_weights(targets, concepts, lam, ignore_index, num_valid=num_valid,
-                                     num_content=num_content)
-    return vocab_parallel_concept_loss(hidden, weight_shard, targets, concepts, group=group,
-                                       ntp_weight=ntp_w.reshape(targets.shape),
-                                       concept_weight=concept_w.reshape(targets.shape), margin=margin,
-                                       ignore_index=ignore_index, reduction="sum", include_target=True, impl=impl,
-                                       return_stats=return_stats, **options)
+    loss_options = objective_loss_options("vocab_parallel_concept_objective", "vocab_parallel_concept_loss",
+                                          targets, concepts, lam=lam, margin=margin, ignore_index=ignore_index,
+                                          num_valid=num_valid, num_content=num_content, options=options)
+    return vocab_parallel_concept_loss(hidden, weight_shard, targets, concepts, group=group, impl=impl,
+                                       return_stats=return_stats, **loss_options)
 
 
 # ----------------------------------------------------------------------------------------------

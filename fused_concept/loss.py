@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import _torch_path
 from ._inputs import Canonical, prepare
-from ._objective import paper_weights
+from ._objective import objective_loss_options
 from ._reference import reference_rows
 from ._rowmath import grad_coefficients, reduce_rows, row_terms, upstream_per_row
 
@@ -230,18 +230,10 @@ def concept_objective(
     the hinge at `margin`. `num_valid` / `num_content` replace the local counts N_v and |T| (pass
     global counts under gradient accumulation or data parallelism). Other keyword options go to
     `concept_loss` (bias, softcap, z_loss, return_stats, ...)."""
-    for key in ("ntp_weight", "concept_weight", "reduction", "include_target", "mode"):
-        if key in options:
-            raise TypeError(f"concept_objective fixes {key}; call concept_loss to set it")
-    if not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
-    if concepts is None:
-        raise ValueError("concept_objective needs concepts; use concept_loss for plain cross-entropy")
-    ntp_w, concept_w = paper_weights(targets, concepts, lam, ignore_index, num_valid=num_valid,
-                                     num_content=num_content)
-    return concept_loss(hidden, weight, targets, concepts, ntp_weight=ntp_w.reshape(targets.shape),
-                        concept_weight=concept_w.reshape(targets.shape), margin=margin,
-                        ignore_index=ignore_index, reduction="sum", include_target=True, impl=impl, **options)
+    loss_options = objective_loss_options("concept_objective", "concept_loss", targets, concepts, lam=lam,
+                                          margin=margin, ignore_index=ignore_index, num_valid=num_valid,
+                                          num_content=num_content, options=options)
+    return concept_loss(hidden, weight, targets, concepts, impl=impl, **loss_options)
 
 
 class ConceptLoss(nn.Module):
