@@ -6,7 +6,7 @@ here, and kernels only ever see a deduplicated id matrix with -1 pads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -19,11 +19,15 @@ PAD = -1
 RowWeight = Union[float, int, Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Canonical:
+    """Everything an implementation needs, validated: the rows, this device's block of the head and
+    the options of the row math. `weight` is the whole head, or one vocabulary shard whose first row
+    is global id `vocab_start` (vocab-parallel; the shard may hold no rows)."""
+
     hidden: Tensor  # [N, D]
-    weight: Tensor  # [V, D]
-    bias: Optional[Tensor]  # [V]
+    weight: Tensor  # [V_shard, D]
+    bias: Optional[Tensor]  # [V_shard]
     targets: Tensor  # [N] int64, -1 on ignored rows
     valid: Tensor  # [N] bool
     set_ids: Tensor  # [N, S] int64, deduplicated concept set (gold included when asked), -1 pads
@@ -33,10 +37,30 @@ class Canonical:
     alpha: Tensor  # [N] float32
     beta: Tensor  # [N] float32
     lead_shape: torch.Size
+    softcap: Optional[float] = None
+    margin: Optional[float] = None
+    z_loss: float = 0.0
+    vocab_start: int = 0  # global id of weight's first row
 
     @property
     def soft(self) -> bool:
         return self.soft_ids is not None
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0]
+
+    def rows(self, lo: int, hi: int) -> "Canonical":
+        """The same bundle restricted to rows lo..hi-1 (views, no copies; the head is shared)."""
+        cut = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+        return replace(self, hidden=self.hidden[lo:hi], targets=self.targets[lo:hi], valid=self.valid[lo:hi],
+                       set_ids=self.set_ids[lo:hi], has_set=self.has_set[lo:hi], soft_ids=cut(self.soft_ids),
+                       soft_weights=cut(self.soft_weights), alpha=self.alpha[lo:hi], beta=self.beta[lo:hi],
+                       lead_shape=torch.Size([hi - lo]))
+
+    def with_head(self, weight: Tensor, bias: Optional[Tensor]) -> "Canonical":
+        """The same rows and options against another head (autograd hands the Function its own views)."""
+        return replace(self, weight=weight, bias=bias)
 
 
 def _check_float_tensor(name: str, t, allow_none: bool = False) -> None:
@@ -106,9 +130,11 @@ def prepare(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     vocab_size: Optional[int] = None,
+    vocab_start: int = 0,
 ) -> Canonical:
     """Validate the user's inputs (raising TypeError / ValueError that name the culprit) and return
-    the canonical bundle. `vocab_size` overrides weight.shape[0] (vocab-parallel shards)."""
+    the canonical bundle. For a vocabulary shard, `vocab_size` is the global V the ids are checked
+    against and `vocab_start` the global id of the shard's first row; the shard may then hold no rows."""
     _check_float_tensor("hidden", hidden)
     _check_float_tensor("weight", weight)
     _check_float_tensor("bias", bias, allow_none=True)
@@ -125,8 +151,10 @@ def prepare(
         raise ValueError(f"weight is [V, {weight.shape[1]}] but hidden's last dim is {d}")
     v_local = weight.shape[0]
     vocab = v_local if vocab_size is None else int(vocab_size)
-    if vocab < 1 or v_local < 1:
+    if vocab < 1:
         raise ValueError(f"the vocabulary must not be empty (weight has shape {tuple(weight.shape)})")
+    if not 0 <= vocab_start <= vocab - v_local:
+        raise ValueError(f"a shard of {v_local} rows cannot start at id {vocab_start} of a vocabulary of {vocab}")
     if bias is not None and tuple(bias.shape) != (v_local,):
         raise ValueError(f"bias must be [{v_local}] to match weight, got shape {tuple(bias.shape)}")
     device = hidden.device
@@ -223,4 +251,8 @@ def prepare(
         alpha=_row_weight("ntp_weight", ntp_weight, lead_shape, n, device),
         beta=_row_weight("concept_weight", concept_weight, lead_shape, n, device),
         lead_shape=lead_shape,
+        softcap=None if softcap is None else float(softcap),
+        margin=None if margin is None else float(margin),
+        z_loss=float(z_loss),
+        vocab_start=int(vocab_start),
     )

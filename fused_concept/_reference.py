@@ -9,7 +9,8 @@ from ._inputs import Canonical
 from ._rowmath import ShardStats, row_terms
 
 
-def reference_rows(canon: Canonical, *, softcap, margin, z_loss):
+def reference_rows(canon: Canonical):
+    softcap = canon.softcap
     acc = torch.float64 if canon.hidden.dtype == torch.float64 else torch.float32
     z = canon.hidden.to(acc) @ canon.weight.to(acc).t()
     if canon.bias is not None:
@@ -36,6 +37,5 @@ def reference_rows(canon: Canonical, *, softcap, margin, z_loss):
     else:
         soft_dot = torch.zeros_like(lse)
     stats = ShardStats(best, arg, lse, target_logit, set_lse, soft_dot)
-    terms = row_terms(stats, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha, beta=canon.beta,
-                      margin=margin, z_loss=z_loss, soft=canon.soft)
+    terms = row_terms(stats, canon)
     return stats, terms

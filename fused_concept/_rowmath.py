@@ -17,10 +17,13 @@ once for all implementations (reference, torch, triton, vocab-parallel):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ._inputs import Canonical
 
 
 class ShardStats(NamedTuple):
@@ -32,6 +35,41 @@ class ShardStats(NamedTuple):
     target_logit: Tensor  # z_y when y lies in the shard, else 0
     set_lse: Tensor  # log sum_{t in S, t in shard} exp z_t; -inf when no set id lies in the shard
     soft_dot: Tensor  # sum_k w_k z_{C_k} over the k whose id lies in the shard (0 without soft ids)
+
+
+class RowGrad(NamedTuple):
+    """What one shard's backward needs per row (all [N] float32): the GLOBAL (merged) lse and set_lse,
+    and the three coefficients of dL/dz = dense * softmax - target * onehot(y) - set * q."""
+
+    lse: Tensor
+    set_lse: Tensor
+    coef_dense: Tensor
+    coef_target: Tensor
+    coef_set: Tensor
+
+    def rows(self, lo: int, hi: int) -> "RowGrad":
+        return RowGrad(*(t[lo:hi] for t in self))
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward must produce (False where autograd wants none, or under no_grad)."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+class ShardGrads(NamedTuple):
+    """A shard's gradients, None where not needed: d_hidden [N, D] (this shard's partial sum),
+    d_weight [V_shard, D], d_bias [V_shard]; float32 or the input dtype (the caller casts)."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
 
 
 class RowTerms(NamedTuple):
@@ -69,19 +107,11 @@ def merge_stats(parts: Sequence[ShardStats]) -> ShardStats:
     )
 
 
-def row_terms(
-    stats: ShardStats,
-    *,
-    valid: Tensor,
-    has_set: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    margin: float | None,
-    z_loss: float,
-    soft: bool,
-) -> RowTerms:
+def row_terms(stats: ShardStats, canon: "Canonical") -> RowTerms:
     """Row losses from merged statistics. Differentiable through the statistics (the reference uses
     autograd through it); the hinge is detached, as in the paper's code."""
+    valid, has_set, alpha, beta = canon.valid, canon.has_set, canon.alpha, canon.beta
+    margin, z_loss, soft = canon.margin, canon.z_loss, canon.soft
     lse = stats.lse
     zero = torch.zeros_like(lse)
     ce = torch.where(valid, lse - stats.target_logit, zero)
@@ -124,24 +154,24 @@ def upstream_per_row(grad_out: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return g
 
 
-def grad_coefficients(
-    g: Tensor,
-    *,
-    lse: Tensor,
-    hinge: Tensor,
-    valid: Tensor,
-    has_set: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    z_loss: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(coef_dense, coef_target, coef_set), each [N] float32, zero on ignored rows."""
+def grad_coefficients(g: Tensor, canon: "Canonical", *, lse: Tensor, set_lse: Tensor, hinge: Tensor) -> RowGrad:
+    """The backward's per-row inputs for upstream gradient g ([N]) and merged statistics; the three
+    coefficients are zero on ignored rows."""
+    valid = canon.valid
     zero = torch.zeros_like(lse)
-    set_term = torch.where(has_set, beta * hinge, zero)
-    dense = alpha + set_term
-    if z_loss:
-        dense = dense + 2.0 * z_loss * lse
+    set_term = torch.where(canon.has_set, canon.beta * hinge, zero)
+    dense = canon.alpha + set_term
+    if canon.z_loss:
+        dense = dense + 2.0 * canon.z_loss * lse
     coef_dense = torch.where(valid, g * dense, zero)
-    coef_target = torch.where(valid, g * alpha, zero)
+    coef_target = torch.where(valid, g * canon.alpha, zero)
     coef_set = torch.where(valid, g * set_term, zero)
-    return coef_dense, coef_target, coef_set
+    return RowGrad(lse=lse, set_lse=set_lse, coef_dense=coef_dense, coef_target=coef_target, coef_set=coef_set)
+
+
+def empty_shard_stats(n: int, device) -> ShardStats:
+    """Statistics of a shard with no rows: it holds no logit, no target and no set id."""
+    neg = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    zero = torch.zeros(n, dtype=torch.float32, device=device)
+    return ShardStats(max=neg, argmax=torch.zeros(n, dtype=torch.int64, device=device), lse=neg.clone(),
+                      target_logit=zero, set_lse=neg.clone(), soft_dot=zero.clone())

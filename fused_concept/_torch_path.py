@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._rowmath import ShardStats, grad_coefficients, row_terms
+from ._inputs import Canonical
+from ._rowmath import Needs, RowGrad, ShardGrads, ShardStats, grad_coefficients, row_terms
 
 # Elements of float32 logits alive per chunk (x4 bytes). 2**23 = 32 MB: big enough that each
 # chunk is one efficient matrix product, small enough to stay far below the naive N x V.
@@ -64,27 +65,26 @@ def _local(ids: Tensor, vocab_start: int, v: int):
     return local.clamp(0, v - 1), inside
 
 
-def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_start: int,
-                 keep_exp: bool = False, exp_out: Optional[Tensor] = None):
-    """Statistics of one chunk. With keep_exp, also returns e = exp(z - max) and its row sums,
-    which the fused sweep turns into softmax(z) without a second exponential pass."""
-    v = z.shape[1]
+def _chunk_stats(z: Tensor, part: Canonical, keep_exp: bool = False, exp_out: Optional[Tensor] = None):
+    """Statistics of one chunk of rows (`part`). With keep_exp, also returns e = exp(z - max) and its
+    row sums, which the fused sweep turns into softmax(z) without a second exponential pass."""
+    v, vocab_start = z.shape[1], part.vocab_start
     best, arg = z.max(dim=1)
     e = torch.sub(z, best[:, None], out=None if exp_out is None else exp_out[: z.shape[0]])
     e.exp_()
     sumexp = e.sum(dim=1)
     lse = best + torch.log(sumexp)
-    t_local, t_in = _local(targets, vocab_start, v)
+    t_local, t_in = _local(part.targets, vocab_start, v)
     target_logit = torch.where(t_in, z.gather(1, t_local[:, None]).squeeze(1), torch.zeros_like(lse))
-    if set_ids.shape[1] > 0:
-        s_local, s_in = _local(set_ids, vocab_start, v)
+    if part.set_ids.shape[1] > 0:
+        s_local, s_in = _local(part.set_ids, vocab_start, v)
         zs = z.gather(1, s_local).masked_fill(~s_in, float("-inf"))
         set_lse = torch.logsumexp(zs, dim=1)
     else:
         set_lse = torch.full_like(lse, float("-inf"))
-    if soft_ids is not None and soft_ids.shape[1] > 0:
-        k_local, k_in = _local(soft_ids, vocab_start, v)
-        soft_dot = (z.gather(1, k_local) * soft_weights).masked_fill(~k_in, 0.0).sum(dim=1)
+    if part.soft and part.soft_ids.shape[1] > 0:
+        k_local, k_in = _local(part.soft_ids, vocab_start, v)
+        soft_dot = (z.gather(1, k_local) * part.soft_weights).masked_fill(~k_in, 0.0).sum(dim=1)
     else:
         soft_dot = torch.zeros_like(lse)
     stats = ShardStats(best, arg + vocab_start, lse, target_logit, set_lse, soft_dot)
@@ -93,33 +93,32 @@ def _chunk_stats(z: Tensor, targets, set_ids, soft_ids, soft_weights, vocab_star
     return stats
 
 
-def _chunk_dlogits(z, targets, set_ids, soft_ids, soft_weights, vocab_start, softcap,
-                   lse, set_lse, coef_dense, coef_target, coef_set, probs_unnormalised=None,
-                   row_sums=None) -> Tensor:
-    """dL/dz_raw for one chunk, [rows, V] in the accumulation dtype. z holds the (capped) logits.
+def _chunk_dlogits(z: Tensor, part: Canonical, grad: RowGrad, probs_unnormalised=None, row_sums=None) -> Tensor:
+    """dL/dz_raw for one chunk of rows, [rows, V] in the accumulation dtype. z holds the (capped) logits.
 
     The dense term coef_dense * softmax(z) is built in place: in `probs_unnormalised` (exp(z - max),
     divided here by `row_sums`) when given, else in z itself unless softcap still needs z."""
-    v = z.shape[1]
-    t_local, t_in = _local(targets, vocab_start, v)
+    v, vocab_start, softcap = z.shape[1], part.vocab_start, part.softcap
+    t_local, t_in = _local(part.targets, vocab_start, v)
     q = None
-    if soft_ids is not None:
-        if soft_ids.shape[1] > 0:
-            k_local, k_in = _local(soft_ids, vocab_start, v)
-            q_ids, q = k_local, (coef_set[:, None] * soft_weights).masked_fill(~k_in, 0.0)
-    elif set_ids.shape[1] > 0:
-        s_local, s_in = _local(set_ids, vocab_start, v)
+    if part.soft:
+        if part.soft_ids.shape[1] > 0:
+            k_local, k_in = _local(part.soft_ids, vocab_start, v)
+            q_ids, q = k_local, (grad.coef_set[:, None] * part.soft_weights).masked_fill(~k_in, 0.0)
+    elif part.set_ids.shape[1] > 0:
+        s_local, s_in = _local(part.set_ids, vocab_start, v)
+        set_lse = grad.set_lse
         safe_set = torch.where(torch.isfinite(set_lse), set_lse, torch.zeros_like(set_lse))
         q = torch.exp(z.gather(1, s_local) - safe_set[:, None]).masked_fill(~s_in, 0.0)
-        q_ids, q = s_local, coef_set[:, None] * q
+        q_ids, q = s_local, grad.coef_set[:, None] * q
     cap_factor = None
     if softcap is not None:
         cap_factor = torch.div(z, softcap).square_().neg_().add_(1.0)
     if probs_unnormalised is not None:
-        dz = probs_unnormalised.mul_((coef_dense / row_sums)[:, None])
+        dz = probs_unnormalised.mul_((grad.coef_dense / row_sums)[:, None])
     else:
-        dz = z.sub_(lse[:, None]).exp_().mul_(coef_dense[:, None])
-    dz.scatter_add_(1, t_local[:, None], (-coef_target * t_in)[:, None])
+        dz = z.sub_(grad.lse[:, None]).exp_().mul_(grad.coef_dense[:, None])
+    dz.scatter_add_(1, t_local[:, None], (-grad.coef_target * t_in)[:, None])
     if q is not None:
         # set ids are unique per row; soft ids may repeat and then add up, as q_v = sum_{k: C_k = v} w_k
         dz.scatter_add_(1, q_ids, -q)
@@ -128,99 +127,82 @@ def _chunk_dlogits(z, targets, set_ids, soft_ids, soft_weights, vocab_start, sof
     return dz
 
 
-def torch_partial_stats(hidden, weight, bias, targets, set_ids, soft_ids, soft_weights, *,
-                        vocab_start: int = 0, softcap: Optional[float] = None,
-                        chunk_rows: Optional[int] = None) -> ShardStats:
-    """Step 1 of docs/internals.md over this shard's ids, one chunk of logits at a time."""
-    n, v = hidden.shape[0], weight.shape[0]
+def _chunks(n: int, v: int, chunk_rows: Optional[int]):
     step = _rows_per_chunk(n, v, chunk_rows)
-    z_buf, e_buf = _chunk_buffers(n, v, step, hidden, 2)
+    return step, [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def _cat_stats(parts) -> ShardStats:
+    return parts[0] if len(parts) == 1 else ShardStats(*(torch.cat(field) for field in zip(*parts)))
+
+
+def torch_partial_stats(canon: Canonical, *, chunk_rows: Optional[int] = None) -> ShardStats:
+    """Step 1 of docs/internals.md over this shard's ids, one chunk of logits at a time."""
+    n, v = canon.num_rows, canon.weight.shape[0]
+    step, spans = _chunks(n, v, chunk_rows)
+    z_buf, e_buf = _chunk_buffers(n, v, step, canon.hidden, 2)
     parts = []
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        z = _logits(hidden[lo:hi], weight, bias, softcap, out=z_buf)
-        parts.append(_chunk_stats(z, targets[lo:hi], set_ids[lo:hi],
-                                  None if soft_ids is None else soft_ids[lo:hi],
-                                  None if soft_weights is None else soft_weights[lo:hi], vocab_start,
-                                  exp_out=e_buf))
-    if len(parts) == 1:
-        return parts[0]
-    return ShardStats(*(torch.cat(field) for field in zip(*parts)))
+    for lo, hi in spans:
+        part = canon.rows(lo, hi)
+        z = _logits(part.hidden, canon.weight, canon.bias, canon.softcap, out=z_buf)
+        parts.append(_chunk_stats(z, part, exp_out=e_buf))
+    return _cat_stats(parts)
 
 
-def _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias):
-    if d_hidden is not None:
-        torch.mm(dz, weight.to(dz.dtype), out=d_hidden[lo:hi])
-    if d_weight is not None:
-        d_weight.addmm_(dz.t(), h_c.to(dz.dtype))
-    if d_bias is not None:
-        d_bias += dz.sum(dim=0)
+def _accumulate(dz, h_c, weight, lo, hi, grads: ShardGrads):
+    if grads.hidden is not None:
+        torch.mm(dz, weight.to(dz.dtype), out=grads.hidden[lo:hi])
+    if grads.weight is not None:
+        grads.weight.addmm_(dz.t(), h_c.to(dz.dtype))
+    if grads.bias is not None:
+        grads.bias.add_(dz.sum(dim=0))
 
 
-def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
-    n, d = hidden.shape
-    v = weight.shape[0]
-    kw = dict(dtype=_acc_dtype(hidden), device=hidden.device)
-    return (
-        torch.empty(n, d, **kw) if need_hidden else None,
-        torch.zeros(v, d, **kw) if need_weight else None,
-        torch.zeros(v, **kw) if need_bias else None,
+def _grad_buffers(canon: Canonical, needs: Needs) -> ShardGrads:
+    n, d = canon.hidden.shape
+    v = canon.weight.shape[0]
+    kw = dict(dtype=_acc_dtype(canon.hidden), device=canon.hidden.device)
+    return ShardGrads(
+        torch.empty(n, d, **kw) if needs.hidden else None,
+        torch.zeros(v, d, **kw) if needs.weight else None,
+        torch.zeros(v, **kw) if needs.bias and canon.bias is not None else None,
     )
 
 
-def torch_shard_grads(hidden, weight, bias, targets, set_ids, soft_ids, soft_weights, *,
-                      vocab_start: int = 0, softcap: Optional[float] = None, lse, set_lse,
-                      coef_dense, coef_target, coef_set, need_hidden=True, need_weight=True,
-                      need_bias=True, chunk_rows: Optional[int] = None):
+def torch_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *,
+                      chunk_rows: Optional[int] = None) -> ShardGrads:
     """Step 3 of docs/internals.md: recompute each chunk's logits and accumulate the gradients."""
-    n, v = hidden.shape[0], weight.shape[0]
-    need_bias = need_bias and bias is not None
-    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
-    step = _rows_per_chunk(n, v, chunk_rows)
-    (z_buf,) = _chunk_buffers(n, v, step, hidden, 1)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        h_c = hidden[lo:hi]
-        z = _logits(h_c, weight, bias, softcap, out=z_buf)
-        dz = _chunk_dlogits(z, targets[lo:hi], set_ids[lo:hi],  # overwrites z
-                            None if soft_ids is None else soft_ids[lo:hi],
-                            None if soft_weights is None else soft_weights[lo:hi], vocab_start, softcap,
-                            lse[lo:hi], set_lse[lo:hi], coef_dense[lo:hi], coef_target[lo:hi], coef_set[lo:hi])
+    n, v = canon.num_rows, canon.weight.shape[0]
+    grads = _grad_buffers(canon, needs)
+    step, spans = _chunks(n, v, chunk_rows)
+    (z_buf,) = _chunk_buffers(n, v, step, canon.hidden, 1)
+    for lo, hi in spans:
+        part = canon.rows(lo, hi)
+        z = _logits(part.hidden, canon.weight, canon.bias, canon.softcap, out=z_buf)
+        dz = _chunk_dlogits(z, part, grad.rows(lo, hi))  # overwrites z
         del z
-        _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias)
-    return d_hidden, d_weight, d_bias
+        _accumulate(dz, part.hidden, canon.weight, lo, hi, grads)
+    return grads
 
 
-def torch_stats_and_grads(canon, *, softcap, margin, z_loss, row_scale: Tensor,
-                          need_hidden, need_weight, need_bias, chunk_rows: Optional[int] = None):
+def torch_stats_and_grads(canon: Canonical, *, row_scale: Tensor, needs: Needs,
+                          chunk_rows: Optional[int] = None):
     """One sweep for a single device holding the whole vocabulary: statistics of every row plus the
     gradient of sum_i row_scale_i * loss_i (row_scale: 1 for "sum", 1/N_valid for "mean")."""
-    hidden, weight, bias = canon.hidden, canon.weight, canon.bias
-    n, v = hidden.shape[0], weight.shape[0]
-    need_bias = need_bias and bias is not None
-    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
-    step = _rows_per_chunk(n, v, chunk_rows)
-    z_buf, e_buf = _chunk_buffers(n, v, step, hidden, 2)
+    n, v = canon.num_rows, canon.weight.shape[0]
+    grads = _grad_buffers(canon, needs)
+    step, spans = _chunks(n, v, chunk_rows)
+    z_buf, e_buf = _chunk_buffers(n, v, step, canon.hidden, 2)
     parts = []
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        rows = slice(lo, hi)
-        h_c = hidden[rows]
-        soft_ids = None if canon.soft_ids is None else canon.soft_ids[rows]
-        soft_w = None if canon.soft_weights is None else canon.soft_weights[rows]
-        z = _logits(h_c, weight, bias, softcap, out=z_buf)
-        st, e, sumexp = _chunk_stats(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0,
-                                     keep_exp=True, exp_out=e_buf)
+    for lo, hi in spans:
+        part = canon.rows(lo, hi)
+        z = _logits(part.hidden, canon.weight, canon.bias, canon.softcap, out=z_buf)
+        st, e, sumexp = _chunk_stats(z, part, keep_exp=True, exp_out=e_buf)
         parts.append(st)
-        terms = row_terms(st, valid=canon.valid[rows], has_set=canon.has_set[rows], alpha=canon.alpha[rows],
-                          beta=canon.beta[rows], margin=margin, z_loss=z_loss, soft=canon.soft)
-        coefs = grad_coefficients(row_scale[rows], lse=st.lse, hinge=terms.hinge, valid=canon.valid[rows],
-                                  has_set=canon.has_set[rows], alpha=canon.alpha[rows], beta=canon.beta[rows],
-                                  z_loss=z_loss)
-        dz = _chunk_dlogits(z, canon.targets[rows], canon.set_ids[rows], soft_ids, soft_w, 0, softcap,
-                            st.lse, st.set_lse, *coefs, probs_unnormalised=e, row_sums=sumexp)
+        terms = row_terms(st, part)
+        grad = grad_coefficients(row_scale[lo:hi], part, lse=st.lse, set_lse=st.set_lse, hinge=terms.hinge)
+        dz = _chunk_dlogits(z, part, grad, probs_unnormalised=e, row_sums=sumexp)
         del z, e
-        _accumulate(dz, h_c, weight, lo, hi, d_hidden, d_weight, d_bias)
+        _accumulate(dz, part.hidden, canon.weight, lo, hi, grads)
         del dz
-    stats = parts[0] if len(parts) == 1 else ShardStats(*(torch.cat(f) for f in zip(*parts)))
-    return stats, (d_hidden, d_weight, d_bias)
+    return _cat_stats(parts), grads

@@ -49,7 +49,11 @@ from fused_concept.kernels.sparse_grad_hidden import _sparse_grad_hidden_kernel
 from fused_concept.kernels.sparse_grad_weight import _sparse_grad_weight_kernel
 from fused_concept.kernels.sparse_logits import _sparse_logits_kernel
 
-from ._rowmath import ShardStats
+from ._inputs import Canonical
+from ._rowmath import Needs, RowGrad, ShardGrads, ShardStats
+
+# The keyword switches of `triton_shard_grads` that users pass as concept_loss(kernel_options=...).
+KERNEL_OPTIONS = ("deterministic", "filter_eps", "weight_pass", "vocab_splits", "chunk_columns")
 
 # Programs wanted in flight per streaming multiprocessor before a sweep splits the vocabulary.
 _PROGRAMS_PER_SM = 2
@@ -68,8 +72,6 @@ def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     configs.dtype_class(hidden.dtype)  # raises TypeError for unsupported dtypes
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if hidden.device.type != "cuda" and not configs.interpreting():
-        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
 
 
 def _softcap_arg(softcap: Optional[float]) -> float:
@@ -128,13 +130,13 @@ def _sparse_logits(hidden, weight, bias, ids, soft_weights, n_set, *, vocab_star
     return z, target, set_lse, soft_dot
 
 
-def triton_partial_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, set_ids: Tensor,
-                         soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], *, vocab_start: int = 0,
-                         softcap: Optional[float] = None, vocab_splits: Optional[int] = None) -> ShardStats:
+def triton_partial_stats(canon: Canonical, *, vocab_splits: Optional[int] = None) -> ShardStats:
     """Statistics of this vocabulary shard (global ids vocab_start .. vocab_start + V - 1) per row.
 
     vocab_splits forces the number of vocabulary slices of the dense sweep (default: enough to keep
     every multiprocessor busy when N is small; 1 under the interpreter)."""
+    hidden, weight, bias, targets, set_ids = canon.hidden, canon.weight, canon.bias, canon.targets, canon.set_ids
+    soft_ids, soft_weights, vocab_start, softcap = canon.soft_ids, canon.soft_weights, canon.vocab_start, canon.softcap
     _check(hidden, weight, bias)
     cap = _softcap_arg(softcap)
     n, d = hidden.shape
@@ -249,13 +251,9 @@ def _chunked_grads(hidden, weight, bias, lse, coef_dense, loc, s, d_hidden, d_we
             d_bias[c0:c1] = g_c.float().sum(dim=0)
 
 
-def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, set_ids: Tensor,
-                       soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], *, vocab_start: int = 0,
-                       softcap: Optional[float] = None, lse: Tensor, set_lse: Tensor, coef_dense: Tensor,
-                       coef_target: Tensor, coef_set: Tensor, need_hidden: bool = True, need_weight: bool = True,
-                       need_bias: bool = True, deterministic: bool = True, filter_eps: float = 0.0,
-                       vocab_splits: Optional[int] = None, weight_pass: str = "chunked",
-                       chunk_columns: Optional[int] = None):
+def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, deterministic: bool = True,
+                       filter_eps: float = 0.0, vocab_splits: Optional[int] = None, weight_pass: str = "chunked",
+                       chunk_columns: Optional[int] = None) -> ShardGrads:
     """(d_hidden [N, D], d_weight [V, D], d_bias [V]) for this shard; None where not needed.
 
     d_hidden is float32. d_weight / d_bias are in the weight's / bias's dtype on the chunked pass (the
@@ -270,9 +268,14 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     vocabulary chunk of chunk_columns ids (default: _CHUNK_BYTES of gradient in the input dtype), writes
     the chunk's logit gradient and multiplies it out for dH and dW (6 N D V flops); "sweep" runs the
     d_hidden sweep and a d_weight sweep, each recomputing the logits (8 N D V flops, no [N, chunk] buffer)."""
+    hidden, weight, bias, targets, set_ids = canon.hidden, canon.weight, canon.bias, canon.targets, canon.set_ids
+    soft_ids, soft_weights, vocab_start, softcap = canon.soft_ids, canon.soft_weights, canon.vocab_start, canon.softcap
+    lse, set_lse = grad.lse, grad.set_lse
+    coef_dense, coef_target, coef_set = grad.coef_dense, grad.coef_target, grad.coef_set
+    need_hidden, need_weight = needs.hidden, needs.weight
     _check(hidden, weight, bias)
     cap = _softcap_arg(softcap)
-    need_bias = bool(need_bias and bias is not None)
+    need_bias = bool(needs.bias and bias is not None)
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -287,7 +290,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     d_weight = alloc((v, d), dtype=weight.dtype if chunked else torch.float32, device=dev) if need_weight else None
     d_bias = alloc((v,), dtype=bias.dtype if chunked else torch.float32, device=dev) if need_bias else None
     if n == 0 or not (need_hidden or need_weight or need_bias):
-        return d_hidden, d_weight, d_bias
+        return ShardGrads(d_hidden, d_weight, d_bias)
     if filter_eps < 0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
 
@@ -332,7 +335,7 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         loc = torch.where(hit, ids - vocab_start, torch.full_like(ids, -1)).to(torch.int32).contiguous()
         _chunked_grads(hidden, weight, bias, lse, coef_dense, loc, s, d_hidden, d_weight, d_bias, cap,
                        filter_eps, chunk_columns)
-        return d_hidden, d_weight, d_bias
+        return ShardGrads(d_hidden, d_weight, d_bias)
     if deterministic:
         if need_hidden:
             bm, bn = tiles("dense_grad_h")
@@ -385,4 +388,4 @@ def triton_shard_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                 d_weight if need_weight else dummy, d_bias if need_bias else dummy,
                 u, d, hidden.stride(0), hidden.stride(1),
                 DO_DW=need_weight, DO_DB=need_bias, num_warps=c.num_warps, num_stages=c.num_stages, **c.blocks)
-    return d_hidden, d_weight, d_bias
+    return ShardGrads(d_hidden, d_weight, d_bias)

@@ -333,7 +333,7 @@ def build_concept_sets(
     transient memory of a step is about ``2 * n * layers * kv_heads * t * head_dim`` values per layer).
     The model runs in eval mode under ``no_grad``; the result lives on ``input_ids``' device.
     """
-    from . import hf
+    from ._head import Head, base_model, unwrap_peft
 
     ids = _as_2d(input_ids)
     if top_k < 1 or max_synonyms < 1:
@@ -347,9 +347,10 @@ def build_concept_sets(
         raise ValueError(f"content_mask must have the shape of input_ids {tuple(ids.shape)}, got {tuple(content_mask.shape)}")
     content_mask = content_mask.bool().cpu()
 
-    inner = hf._unwrap_peft(model)
-    base = hf._base_model(inner)
-    weight, bias = hf._head(inner)
+    inner = unwrap_peft(model)
+    base = base_model(inner)
+    head = Head.of(inner)
+    weight = head.weight
     vocab_size = weight.shape[0]
     vocab = _vocab(tokenizer, vocab_size)
     device = weight.device
@@ -358,7 +359,6 @@ def build_concept_sets(
         raise ValueError(f"input_ids contains id {int(ids[bad][0])} outside the model's vocabulary [0, {vocab_size})")
     word_ok = vocab.alpha[:vocab_size].to(device) & ~vocab.special[:vocab_size].to(device)
     space = vocab.space[:vocab_size].to(device)
-    scale, softcap = hf._logit_scale(inner), hf._softcap(inner)
     k = min(top_k, vocab_size)
 
     out = torch.full((*ids.shape, max_synonyms), -1, dtype=torch.long)
@@ -380,7 +380,7 @@ def build_concept_sets(
             hidden = full.last_hidden_state[0]
             cache = full.past_key_values
             prev = torch.tensor(rows, device=device) - 1
-            logits = hf._logits(hidden[prev] * scale, weight, None if bias is None else bias * scale, softcap)
+            logits = head.logits(hidden[prev])
             top = logits.float().topk(k, dim=-1).indices
             for row, t in enumerate(rows):
                 gold = int(seq[t])
@@ -440,15 +440,15 @@ def fingerprint(model, tokenizer) -> str:
     tokenizer's vocabulary size and a sample of its tokens. Two loads of the same weights and tokenizer
     agree; another model, config or vocabulary differs.
     """
-    from . import hf
+    from ._head import Head, unwrap_peft
 
-    inner = hf._unwrap_peft(model)
+    inner = unwrap_peft(model)
     config = inner.config.to_dict()
     config = {k: v for k, v in config.items() if k not in _CONFIG_KEYS_IGNORED}
     digest = hashlib.sha256()
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     params = [p for _, p in inner.named_parameters()]
-    head = hf._head(inner)[0]
+    head = Head.of(inner).weight
     for p in (params[0], params[-1], head):
         digest.update(str(tuple(p.shape)).encode())
         digest.update(_sample_values(p))

@@ -35,18 +35,17 @@ gradient on every rank); `hidden.requires_grad` must agree across ranks.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _backends
 from ._inputs import Canonical, prepare
-from ._rowmath import ShardStats, grad_coefficients, reduce_rows, row_terms
-from .loss import ConceptStats, _backend, _resolve_impl
+from ._outputs import ConceptStats, finish
+from ._rowmath import Needs, ShardStats, grad_coefficients, reduce_rows, row_terms
 
 __all__ = [
     "vocab_parallel_concept_loss",
@@ -54,6 +53,8 @@ __all__ = [
     "shard_layout",
     "ShardLayout",
     "communication_bytes",
+    "even_shard",
+    "gather_rows",
 ]
 
 _TWO32 = 1 << 32
@@ -211,83 +212,46 @@ def communication_bytes(n: int, d: int, *, has_sets: bool = True, soft: bool = F
 # steps 1 and 3 on this rank's block, wired to autograd
 # ----------------------------------------------------------------------------------------------
 
-def _path(impl: str, device: torch.device):
-    """(partial_stats, shard_grads) of the single-device implementation `impl` resolves to."""
-    which = _resolve_impl(impl, device)
+def _backend_for(impl: str, device: torch.device) -> _backends.Backend:
+    which = _backends.resolve(impl, device)
     if which == "reference":
         raise ValueError('impl="reference" materialises the whole head on one device; '
                          'vocab_parallel_concept_loss supports "auto", "torch" and "triton"')
-    if which == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)')
-    return tuple(_backend(which))
-
-
-def _empty_shard_stats(n: int, device) -> ShardStats:
-    """Statistics of a block with no rows: it holds no logit, no target, no set id."""
-    neg = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
-    zero = torch.zeros(n, dtype=torch.float32, device=device)
-    return ShardStats(max=neg, argmax=torch.zeros(n, dtype=torch.int64, device=device), lse=neg.clone(),
-                      target_logit=zero, set_lse=neg.clone(), soft_dot=zero.clone())
+    return _backends.get(which)
 
 
 class _VocabParallelRows(torch.autograd.Function):
     """Row losses of the sharded head; differentiable in hidden, weight_shard and bias_shard."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, canon: Canonical, layout: ShardLayout, group, options: dict):
-        partial_stats, shard_grads = options["path"]
-        n = hidden.shape[0]
-        ids = (canon.targets, canon.set_ids, canon.soft_ids, canon.soft_weights)
-        if weight.shape[0] > 0:
-            local = partial_stats(hidden, weight, bias, *ids, vocab_start=layout.vocab_start,
-                                  softcap=options["softcap"])
-        else:
-            local = _empty_shard_stats(n, hidden.device)
+    def forward(ctx, hidden, weight, bias, canon: Canonical, backend: _backends.Backend, group):
+        local = backend.partial_stats(canon)
         merged = _merge_across_ranks(local, group, with_set=canon.set_ids.shape[1] > 0, with_soft=canon.soft)
-        terms = row_terms(merged, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha,
-                          beta=canon.beta, margin=options["margin"], z_loss=options["z_loss"], soft=canon.soft)
-        ctx.save_for_backward(hidden, weight, bias)
-        ctx.canon, ctx.layout, ctx.group, ctx.options = canon, layout, group, options
-        ctx.global_lse, ctx.global_set_lse, ctx.hinge = merged.lse, merged.set_lse, terms.hinge
+        terms = row_terms(merged, canon)
+        ctx.canon, ctx.backend, ctx.group = canon, backend, group
+        ctx.merged, ctx.hinge = merged, terms.hinge
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ce, mass, lse, argmax = terms.ce, terms.mass, merged.lse, merged.argmax
         ctx.mark_non_differentiable(ce, mass, lse, argmax)
-        return terms.loss, ce, mass, lse, argmax
+        return terms.loss, lse, ce, mass, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        hidden, weight, bias = ctx.saved_tensors
-        canon, options = ctx.canon, ctx.options
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_bias = need_bias and bias is not None
-        if not (need_hidden or need_weight or need_bias):
-            return (None,) * 7
-        coef_dense, coef_target, coef_set = grad_coefficients(
-            grad_loss.float(), lse=ctx.global_lse, hinge=ctx.hinge, valid=canon.valid, has_set=canon.has_set,
-            alpha=canon.alpha, beta=canon.beta, z_loss=options["z_loss"])
-        d_hidden = d_weight = d_bias = None
-        if weight.shape[0] > 0:
-            _, shard_grads = options["path"]
-            d_hidden, d_weight, d_bias = shard_grads(
-                hidden, weight, bias, canon.targets, canon.set_ids, canon.soft_ids, canon.soft_weights,
-                vocab_start=ctx.layout.vocab_start, softcap=options["softcap"], lse=ctx.global_lse,
-                set_lse=ctx.global_set_lse, coef_dense=coef_dense, coef_target=coef_target,
-                coef_set=coef_set, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-        else:
-            d_weight = torch.zeros_like(weight) if need_weight else None
-            d_bias = torch.zeros_like(bias) if need_bias else None
-        if need_hidden:
-            if d_hidden is None:
-                d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-            d_hidden = d_hidden.float().contiguous()
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows, *unused):
+        canon = ctx.canon
+        wants = ctx.needs_input_grad
+        needs = Needs(hidden=wants[0], weight=wants[1], bias=wants[2] and canon.bias is not None)
+        if not needs.any:
+            return (None,) * 6
+        grad = grad_coefficients(grad_rows.float(), canon, lse=ctx.merged.lse, set_lse=ctx.merged.set_lse,
+                                 hinge=ctx.hinge)
+        grads = ctx.backend.shard_grads(canon, grad, needs, {})
+        d_hidden = None
+        if needs.hidden:  # every rank holds a partial sum over its ids: all-reduce it
+            d_hidden = grads.hidden.float().contiguous()
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
-            d_hidden = d_hidden.to(hidden.dtype)
-        else:
-            d_hidden = None
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        if d_bias is not None:
-            d_bias = d_bias.to(bias.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None
+        out = [None if g is None else g.to(dt) for g, dt in zip((d_hidden, grads.weight, grads.bias), ctx.dtypes)]
+        return out[0], out[1], out[2], None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,29 +276,15 @@ def vocab_parallel_concept_loss(hidden: Tensor, weight_shard: Tensor, targets: T
     rank. Backward: d_hidden is all-reduced (the same on every rank), d_weight_shard / d_bias stay local.
     """
     layout = _exchange(hidden, weight_shard, bias, targets, concepts, group)
-    empty = weight_shard.shape[0] == 0
-    # prepare() validates the replicated inputs against the global V; a block with no rows lends it a
-    # one-row stand-in (prepare refuses an empty head) and takes its own place back afterwards
-    head = weight_shard.new_zeros(1, weight_shard.shape[1]) if empty else weight_shard
-    head_bias = bias.new_zeros(1) if empty and bias is not None else bias
-    canon = prepare(hidden, head, targets, concepts, bias=head_bias, ntp_weight=ntp_weight,
+    # the replicated inputs are validated against the global V; this rank's block may hold no rows
+    canon = prepare(hidden, weight_shard, targets, concepts, bias=bias, ntp_weight=ntp_weight,
                     concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
                     include_target=include_target, ignore_index=ignore_index, reduction=reduction,
-                    softcap=softcap, z_loss=z_loss, vocab_size=layout.vocab_size)
-    if empty:
-        canon = dataclasses.replace(canon, weight=weight_shard, bias=bias)
-    options = {"path": _path(impl, hidden.device), "softcap": None if softcap is None else float(softcap),
-               "margin": None if margin is None else float(margin), "z_loss": float(z_loss)}
-    rows, ce, mass, lse, argmax = _VocabParallelRows.apply(canon.hidden, canon.weight, canon.bias, canon,
-                                                           layout, group, options)
+                    softcap=softcap, z_loss=z_loss, vocab_size=layout.vocab_size, vocab_start=layout.vocab_start)
+    backend = _backend_for(impl, hidden.device)
+    rows, *stats = _VocabParallelRows.apply(canon.hidden, weight_shard, bias, canon, backend, group)
     loss = reduce_rows(rows, canon.valid, reduction)
-    shape = canon.lead_shape
-    if reduction == "none":
-        loss = loss.reshape(shape)
-    if not return_stats:
-        return loss
-    return loss, ConceptStats(lse=lse.reshape(shape), ce=ce.reshape(shape), mass=mass.reshape(shape),
-                              argmax=argmax.reshape(shape))
+    return finish(loss, ConceptStats(*stats), canon, reduction=reduction, return_stats=return_stats)
 
 
 def vocab_parallel_concept_objective(hidden: Tensor, weight_shard: Tensor, targets: Tensor, concepts: Tensor,
@@ -356,86 +306,37 @@ def vocab_parallel_concept_objective(hidden: Tensor, weight_shard: Tensor, targe
 
 
 # ----------------------------------------------------------------------------------------------
-# measurement: python -m fused_concept.distributed [--world 2] [--vocab 32000]
+# data-parallel trunk, vocab-parallel head: helpers for training loops
 # ----------------------------------------------------------------------------------------------
 
-def _measure_rank(rank: int, world: int, init_file: str, vocab: int, grid: list, repeats: int, out: str):
-    """One rank of the measurement: count the bytes given to all_reduce and time them, per step."""
-    import json
-    import time
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    sizes = [vocab // world + (1 if r < vocab % world else 0) for r in range(world)]
-    start = sum(sizes[:rank])
-    real = dist.all_reduce
-    log = []
-
-    def timed(tensor, *args, **kwargs):
-        t0 = time.perf_counter()
-        result = real(tensor, *args, **kwargs)
-        log.append((tensor.numel() * tensor.element_size(), time.perf_counter() - t0))
-        return result
-
-    rows = []
-    dist.all_reduce = timed
-    try:
-        for n, d, k in grid:
-            g = torch.Generator().manual_seed(0)
-            h = torch.randn(n, d, generator=g).requires_grad_()
-            w = (torch.randn(vocab, d, generator=g) * 0.1)[start:start + sizes[rank]].clone().requires_grad_()
-            y = torch.randint(0, vocab, (n,), generator=g)
-            c = torch.randint(0, vocab, (n, k), generator=g)
-            best = None
-            for _ in range(repeats):
-                log.clear()
-                dist.barrier()
-                t0 = time.perf_counter()
-                vocab_parallel_concept_loss(h, w, y, c, margin=0.6).backward()
-                step = time.perf_counter() - t0
-                comm = sum(s for _, s in log)
-                if best is None or step < best[1]:
-                    best = (sum(b for b, _ in log), step, comm)
-            rows.append({"N": n, "D": d, "K": k, "bytes": best[0],
-                         "formula": communication_bytes(n, d, has_sets=k > 0)["total"],
-                         "step_s": best[1], "allreduce_s": best[2]})
-    finally:
-        dist.all_reduce = real
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"world": world, "vocab": vocab, "sizes": sizes, "rows": rows}, f)
-    dist.destroy_process_group()
+def even_shard(num_rows: int, rank: int, world: int) -> slice:
+    """The contiguous block of `num_rows` head rows owned by `rank` of `world`: sizes differ by at most
+    one, lower ranks larger (any split works with this module; this one is the usual choice)."""
+    base, extra = divmod(num_rows, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
 
 
-def _measure_main(argv=None) -> None:
-    import argparse
-    import json
-    import tempfile
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal-sized row blocks [n, D] -> [world * n, D] in rank order. The backward keeps this
+    rank's block of the incoming gradient: the vocab-parallel loss already all-reduces d_hidden, so every
+    rank holds the full gradient of the gathered rows."""
 
-    import torch.multiprocessing as mp
+    @staticmethod
+    def forward(ctx, rows, group):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        blocks = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(blocks, rows.contiguous(), group=group)
+        ctx.block = (rank * rows.shape[0], rows.shape[0])
+        return torch.cat(blocks)
 
-    parser = argparse.ArgumentParser(description="bytes and time all-reduced per step by the vocab-parallel loss")
-    parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32003)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--grid", default="256x256x4,256x256x16,1024x256x4,256x1024x4",
-                        help="comma-separated NxDxK")
-    args = parser.parse_args(argv)
-    grid = [tuple(int(x) for x in item.split("x")) for item in args.grid.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/result.json"
-        mp.spawn(_measure_rank, args=(args.world, f"{tmp}/store", args.vocab, grid, args.repeats, out),
-                 nprocs=args.world)
-        with open(out) as f:
-            result = json.load(f)
-    print(f"world {result['world']}, V = {result['vocab']} split {result['sizes']}, gloo on CPU, "
-          f"best of {args.repeats}")
-    print("| N | D | K | bytes all-reduced (counted) | communication_bytes | step fwd+bwd (ms) | in all_reduce (ms) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['N']} | {r['D']} | {r['K']} | {r['bytes']} | {r['formula']} | {1e3 * r['step_s']:.1f} "
-              f"| {1e3 * r['allreduce_s']:.1f} |")
+    @staticmethod
+    def backward(ctx, grad):
+        start, n = ctx.block
+        return grad[start : start + n], None
 
 
-if __name__ == "__main__":
-    _measure_main()
+def gather_rows(rows: Tensor, group=None) -> Tensor:
+    """[n, D] on each rank -> [world * n, D] (rank order), differentiable for use before a vocab-parallel
+    loss: the gradient each rank gets back is its own block of the (already all-reduced) d_hidden."""
+    return _GatherRows.apply(rows, group)

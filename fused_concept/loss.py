@@ -8,92 +8,44 @@ Implementations (`impl=`):
 """
 from __future__ import annotations
 
-import importlib.util
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import _torch_path
+from . import _backends
+from ._backends import IMPLS
 from ._inputs import Canonical, prepare
 from ._objective import objective_loss_options
+from ._outputs import ConceptStats, finish
 from ._reference import reference_rows
-from ._rowmath import grad_coefficients, reduce_rows, row_terms, upstream_per_row
-
-IMPLS = ("auto", "reference", "torch", "triton")
-KERNEL_OPTIONS = ("deterministic", "filter_eps", "weight_pass", "vocab_splits", "chunk_columns")
-
-
-class ConceptStats(NamedTuple):
-    """Per-row statistics, shaped like `targets`. `ce` is 0 on ignored rows; `mass` (probability of
-    the concept set) is 0 on rows whose concepts list no id; `lse` and `argmax` cover every row."""
-
-    lse: Tensor
-    ce: Tensor
-    mass: Tensor
-    argmax: Tensor
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "triton" if device.type == "cuda" and _triton_available() else "torch"
-
-
-class _Backend(NamedTuple):
-    partial_stats: object
-    shard_grads: object
-
-
-def _backend(impl: str) -> _Backend:
-    if impl == "triton":
-        from . import _triton_path
-
-        return _Backend(_triton_path.triton_partial_stats, _triton_path.triton_shard_grads)
-    return _Backend(_torch_path.torch_partial_stats, _torch_path.torch_shard_grads)
+from ._rowmath import Needs, grad_coefficients, reduce_rows, row_terms, upstream_per_row
 
 
 class _FusedConceptLoss(torch.autograd.Function):
     """Loss and statistics from one sweep over the vocabulary; logits are never kept.
 
-    With reduction "sum"/"mean" on the torch path, the gradient is formed during the forward sweep
-    (the loss is linear in the upstream scalar) and the backward only scales it. Otherwise (or for
-    "none") the backward recomputes the logits chunk by chunk / tile by tile."""
+    When the backend can (`Backend.fuses`) and the loss is a sum or mean, the gradient is formed during
+    the forward sweep (the loss is linear in the upstream scalar) and the backward only scales it.
+    Otherwise (or for "none", or a repeated backward) the backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, canon: Canonical, impl, reduction, margin, softcap, z_loss,
-                kernel_options, grad_mode):
+    def forward(ctx, hidden, weight, bias, canon: Canonical, backend: _backends.Backend, reduction: str,
+                kernel_options: dict, grad_mode: bool):
         # needs_input_grad ignores torch.no_grad(); grad_mode is what concept_loss saw outside forward
-        needs = [need and grad_mode for need in ctx.needs_input_grad]
-        need_hidden, need_weight, need_bias = needs[0], needs[1], bias is not None and needs[2]
-        any_grad = need_hidden or need_weight or need_bias
-        fuse = impl == "torch" and any_grad and reduction != "none"
-        if fuse:
-            scale = torch.ones_like(canon.alpha)
-            if reduction == "mean":
-                scale = scale / canon.valid.sum().clamp(min=1).float()
-            stats, grads = _torch_path.torch_stats_and_grads(
-                canon, softcap=softcap, margin=margin, z_loss=z_loss, row_scale=scale,
-                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        wants = [need and grad_mode for need in ctx.needs_input_grad[:3]]
+        needs = Needs(hidden=wants[0], weight=wants[1], bias=bias is not None and wants[2])
+        grads = None
+        if backend.fuses and needs.any and reduction != "none":
+            scale = upstream_per_row(torch.ones((), device=hidden.device), canon.valid, reduction)
+            stats, grads = backend.stats_and_grads(canon, row_scale=scale, needs=needs)
         else:
-            stats = _backend(impl).partial_stats(canon.hidden, canon.weight, canon.bias, canon.targets,
-                                                 canon.set_ids, canon.soft_ids, canon.soft_weights,
-                                                 vocab_start=0, softcap=softcap)
-            grads = None
-        terms = row_terms(stats, valid=canon.valid, has_set=canon.has_set, alpha=canon.alpha,
-                          beta=canon.beta, margin=margin, z_loss=z_loss, soft=canon.soft)
+            stats = backend.partial_stats(canon)
+        terms = row_terms(stats, canon)
         loss = reduce_rows(terms.loss, canon.valid, reduction)
-        ctx.impl, ctx.reduction, ctx.softcap, ctx.z_loss = impl, reduction, softcap, z_loss
-        ctx.kernel_options = kernel_options
-        ctx.canon = canon
+        ctx.canon, ctx.backend, ctx.reduction, ctx.kernel_options = canon, backend, reduction, kernel_options
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.need = (need_hidden, need_weight, need_bias)
+        ctx.needs = needs
         # the fused gradient is kept as a plain attribute (not saved tensors) so that the first backward
         # can hand the buffers over to .grad without a copy; a repeated backward (retain_graph) recomputes
         ctx.grads = grads
@@ -104,7 +56,6 @@ class _FusedConceptLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_unused):
-        need_hidden, need_weight, need_bias = ctx.need
         canon = ctx.canon
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
@@ -113,16 +64,24 @@ class _FusedConceptLoss(torch.autograd.Function):
         else:
             lse, set_lse, hinge = ctx.saved_tensors
             g = upstream_per_row(grad_loss, canon.valid, ctx.reduction)
-            coefs = grad_coefficients(g, lse=lse, hinge=hinge, valid=canon.valid, has_set=canon.has_set,
-                                      alpha=canon.alpha, beta=canon.beta, z_loss=ctx.z_loss)
-            grads = _backend(ctx.impl).shard_grads(
-                canon.hidden, canon.weight, canon.bias, canon.targets, canon.set_ids, canon.soft_ids,
-                canon.soft_weights, vocab_start=0, softcap=ctx.softcap, lse=lse, set_lse=set_lse,
-                coef_dense=coefs[0], coef_target=coefs[1], coef_set=coefs[2], need_hidden=need_hidden,
-                need_weight=need_weight, need_bias=need_bias, **ctx.kernel_options)
-        out = [None if gr is None or not need else gr.to(dt)
-               for gr, need, dt in zip(grads, ctx.need, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None, None, None, None, None
+            grad = grad_coefficients(g, canon, lse=lse, set_lse=set_lse, hinge=hinge)
+            grads = ctx.backend.shard_grads(canon, grad, ctx.needs, ctx.kernel_options)
+        out = [None if gr is None or not need else gr.to(dt) for gr, need, dt in zip(grads, ctx.needs, ctx.dtypes)]
+        return out[0], out[1], out[2], None, None, None, None, None
+
+
+def _fused_loss(canon: Canonical, weight: Tensor, bias: Optional[Tensor], which: str, reduction: str,
+                kernel_options: dict):
+    backend = _backends.get(which)
+    loss, *stats = _FusedConceptLoss.apply(canon.hidden, weight, bias, canon, backend, reduction, kernel_options,
+                                           torch.is_grad_enabled())
+    return loss, ConceptStats(*stats)
+
+
+def _reference_loss(canon: Canonical, reduction: str):
+    stats, terms = reference_rows(canon)
+    loss = reduce_rows(terms.loss, canon.valid, reduction)
+    return loss, ConceptStats(stats.lse.detach(), terms.ce.detach(), terms.mass.detach(), stats.argmax)
 
 
 def concept_loss(
@@ -180,32 +139,13 @@ def concept_loss(
                     concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
                     include_target=include_target, ignore_index=ignore_index, reduction=reduction,
                     softcap=softcap, z_loss=z_loss)
-    which = _resolve_impl(impl, hidden.device)
-    if which == "triton" and hidden.device.type != "cuda":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)')
-    kernel_options = dict(kernel_options or {})
-    unknown = set(kernel_options) - set(KERNEL_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown kernel_options {sorted(unknown)}; known: {list(KERNEL_OPTIONS)}")
-    if kernel_options and which != "triton":
-        raise ValueError(f'kernel_options apply to impl="triton" only, but impl resolved to {which!r}')
+    which = _backends.resolve(impl, hidden.device)
+    options = _backends.check_kernel_options(which, kernel_options)
     if which == "reference":
-        stats, terms = reference_rows(canon, softcap=softcap, margin=margin, z_loss=z_loss)
-        loss = reduce_rows(terms.loss, canon.valid, reduction)
-        lse, ce, mass, argmax = stats.lse.detach(), terms.ce.detach(), terms.mass.detach(), stats.argmax
+        loss, stats = _reference_loss(canon, reduction)
     else:
-        loss, lse, ce, mass, argmax = _FusedConceptLoss.apply(
-            canon.hidden, weight, bias, canon, which, reduction, margin, softcap, float(z_loss), kernel_options,
-            torch.is_grad_enabled())
-    shape = canon.lead_shape
-    if reduction == "none":
-        loss = loss.reshape(shape)
-    if not return_stats:
-        return loss
-    return loss, ConceptStats(lse.reshape(shape), ce.reshape(shape), mass.reshape(shape), argmax.reshape(shape))
+        loss, stats = _fused_loss(canon, weight, bias, which, reduction, options)
+    return finish(loss, stats, canon, reduction=reduction, return_stats=return_stats)
 
 
 def concept_objective(

@@ -588,43 +588,17 @@ def _train(config, model, tokenizer, data, rank, world, device, t_start) -> Dict
     return result
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather equal-sized row blocks [n, D] -> [world * n, D] (rank order). The backward keeps this
-    rank's block of the incoming gradient: the vocab-parallel loss already all-reduces d_hidden, so
-    every rank holds the full gradient of the gathered rows."""
-
-    @staticmethod
-    def forward(ctx, rows):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        blocks = [torch.empty_like(rows) for _ in range(world)]
-        dist.all_gather(blocks, rows.contiguous())
-        ctx.block = (rank * rows.shape[0], rows.shape[0])
-        return torch.cat(blocks)
-
-    @staticmethod
-    def backward(ctx, grad):
-        start, n = ctx.block
-        return grad[start : start + n]
-
-
-def _vocab_shard(num_rows: int, rank: int, world: int) -> slice:
-    """Contiguous block of head rows owned by `rank`: sizes differ by at most one, lower ranks larger."""
-    base, extra = divmod(num_rows, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
-
-
 def _vocab_parallel_loss(config, hidden, weight, bias, softcap, targets, concepts, num_valid, num_content):
     """Data-parallel trunk, vocab-parallel head: the ranks' hidden rows are gathered (every rank then
     holds the micro-batch of ALL ranks), each rank applies its block of head rows, and the loss is the
     step objective's share of the gathered rows, identical on every rank. `targets` / `concepts` here
     are already the gathered ones. Trunk gradients are summed over ranks after the backward."""
-    from .distributed import vocab_parallel_concept_objective
+    from .distributed import even_shard, gather_rows, vocab_parallel_concept_objective
 
     rank, world = dist.get_rank(), dist.get_world_size()
     shape = hidden.shape
-    gathered = _GatherRows.apply(hidden.reshape(-1, shape[-1])).reshape(world * shape[0], *shape[1:])
-    block = _vocab_shard(weight.shape[0], rank, world)
+    gathered = gather_rows(hidden.reshape(-1, shape[-1])).reshape(world * shape[0], *shape[1:])
+    block = even_shard(weight.shape[0], rank, world)
     return vocab_parallel_concept_objective(
         gathered, weight[block], targets, concepts, lam=config.lam, margin=config.margin,
         num_valid=num_valid, num_content=num_content, bias=None if bias is None else bias[block],

@@ -9,7 +9,7 @@ One kernel per module, each starting with the formula it computes and its grid:
   sparse_grad_hidden  backward: signed sparse coefficients at the K+1 ids per row into dH
   sparse_grad_weight  backward: the same coefficients, grouped by id, into dW / db (no atomics)
 
-`configs` chooses launch configurations; `python -m fused_concept.kernels.report --arch 90` compiles
+`configs` chooses launch configurations; `python -m benchmarks.kernel_report --arch 90` compiles
 every one of them for a GPU architecture and prints registers, spills, shared memory and HGMMA use.
 The launching code is `fused_concept._triton_path`.
 """

@@ -1,6 +1,6 @@
 """Launch configurations: the only place block sizes, warps and pipeline stages are chosen.
 
-The dispatcher (`fused_concept._triton_path`) asks `choose(kernel, dtype)`; `report.py` and the compile
+The dispatcher (`fused_concept._triton_path`) asks `choose(kernel, dtype)`; `benchmarks/kernel_report.py` and the compile
 test enumerate `all_configs()`, so every configuration the dispatcher can pick is the one that is checked.
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU) one fixed set of large blocks is used: the
 interpreter's cost is per program instance, not per element.
@@ -28,8 +28,8 @@ class LaunchConfig(NamedTuple):
 # three stages of 64-wide K slabs (96 KB of shared memory, inside sm_80's 163 KB). The backward holds
 # GROUP = 8 gradient tiles per group in a per-program scratch slab (8 x 32 KB in bf16) and multiplies
 # them out in 64-wide column blocks of D. Each owner mode has its own tiles: the largest that compile
-# without spills (see `python -m fused_concept.kernels.report`). float32 inputs use exact ("ieee") FMA products on smaller tiles
-# (larger float32 tiles spill); see `python -m fused_concept.kernels.report`.
+# without spills (see `python -m benchmarks.kernel_report`). float32 inputs use exact ("ieee") FMA products on smaller tiles
+# (larger float32 tiles spill); see `python -m benchmarks.kernel_report`.
 _GPU = {
     "dense_stats": {
         "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),

@@ -206,7 +206,7 @@ def _random_model(kind):
 @torch.no_grad()
 def test_kv_cached_scoring_equals_full_recompute(kind):
     model = _random_model(kind)
-    base = hf._base_model(model)
+    base = hf.base_model(model)
     g = torch.Generator().manual_seed(4)
     seq = torch.randint(2, len(WORDS), (10,), generator=g)
     full = base(input_ids=seq[None], use_cache=True)
@@ -228,7 +228,7 @@ def test_kv_cached_scoring_equals_full_recompute(kind):
 @torch.no_grad()
 def test_build_equals_brute_force_on_random_model(tok):
     model = _random_model("llama")
-    base = hf._base_model(model)
+    base = hf.base_model(model)
     g = torch.Generator().manual_seed(5)
     words = [i for i, w in enumerate(WORDS) if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 2]
     seq = torch.tensor(words)[torch.randint(0, len(words), (8,), generator=g)]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_concept
+import fused_concept._models
 from fused_concept import hf
 from contract import contract_loss, rel_err
 
@@ -134,9 +135,9 @@ def test_softcap_and_scales_are_really_applied():
     assert (raw - cap * torch.tanh(raw / cap)).abs().max() > 0.5 * cap
     for arch, expected in (("cohere-scale", 2.5), ("granite-scaling", 1 / 0.4)):
         model = _make(arch)
-        assert hf._logit_scale(model) == pytest.approx(expected)
+        assert hf.Head.of(model).scale == pytest.approx(expected)
         scaled = hf.hidden_and_head(model, ids)[0]
-        unscaled = hf._base_model(model)(input_ids=ids).last_hidden_state
+        unscaled = hf.base_model(model)(input_ids=ids).last_hidden_state
         assert torch.allclose(scaled, unscaled * expected)
 
 
@@ -144,7 +145,7 @@ def test_output_multiplier_and_unpadded_vocab_are_read_from_the_config():
     model = _make("llama")
     model.config.output_multiplier = 3.0
     model.config.logits_scaling = 2.0
-    assert hf._logit_scale(model) == pytest.approx(1.5)
+    assert hf.Head.of(model).scale == pytest.approx(1.5)
     model.config.unpadded_vocab_size = V - 20
     ids, _, _ = _batch()
     hidden, weight, bias, cap = hf.hidden_and_head(model, ids)
@@ -302,7 +303,7 @@ def test_peft_wrapped_model():
 
 def test_load_model_dispatch(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(hf, "_load_gguf", lambda path, **kw: seen.append(path) or ("model", "tok"))
+    monkeypatch.setattr(fused_concept._models, "_load_gguf", lambda path, **kw: seen.append(path) or ("model", "tok"))
     assert hf.load_model(None) == ("model", "tok")
     assert hf.load_model("default") == ("model", "tok")
     assert seen == [hf.default_gguf_path()] * 2

@@ -1,6 +1,6 @@
 """Every kernel, in every configuration the dispatcher can choose, compiles for sm_80 and sm_90 without a
 GPU: zero spilled bytes, shared memory within the architecture's limit, and the sm_90 matrix loops on
-warpgroup MMA (HGMMA). Runs `python -m fused_concept.kernels.report` (the user-facing check) in a
+warpgroup MMA (HGMMA). Runs `python -m benchmarks.kernel_report` (the user-facing check) in a
 subprocess, because this test process runs the kernels in Triton's interpreter."""
 import json
 import os
@@ -11,19 +11,22 @@ import pytest
 
 pytest.importorskip("triton")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fused_concept.kernels.report", "--arch", "80", "--arch", "90",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--arch", "80", "--arch", "90",
                           "--jobs", str(min(4, os.cpu_count() or 1))],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode in (0, 1), out.stderr[-4000:]
     return json.loads(out.stdout)
 
 
 def test_every_dispatcher_config_is_compiled_for_both_archs(rows):
-    from fused_concept.kernels import configs, report
+    from fused_concept.kernels import configs
+    from benchmarks import kernel_report as report
 
     plan = report._plan()
     assert len(rows) == 2 * len(plan)

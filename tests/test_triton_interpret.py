@@ -14,6 +14,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
+from fused_concept._inputs import Canonical  # noqa: E402
+from fused_concept._rowmath import Needs, RowGrad  # noqa: E402
 from fused_concept._triton_path import triton_partial_stats, triton_shard_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,6 +78,25 @@ def shard_args(c):
     dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return [dev(c["h"]), dev(w), dev(b), dev(c["targets"]), dev(c["set_ids"]), dev(c["soft_ids"]),
             dev(c["soft_w"])]
+
+
+def canon_of(h, w, b, targets, set_ids, soft_ids, soft_w, *, vocab_start=0, softcap=None):
+    """The step-0 bundle the backends take, built directly from canonical tensors (no validation, so the
+    kernels' own checks are what the bad-input test sees)."""
+    n = h.shape[0]
+    ones = torch.ones(n, device=h.device)
+    has_set = (set_ids >= 0).any(dim=1) if set_ids.shape[1] else torch.zeros_like(targets, dtype=torch.bool)
+    return Canonical(hidden=h, weight=w, bias=b, targets=targets, valid=targets >= 0, set_ids=set_ids,
+                     has_set=has_set, soft_ids=soft_ids, soft_weights=soft_w, alpha=ones, beta=ones,
+                     lead_shape=torch.Size([n]), softcap=softcap, vocab_start=vocab_start)
+
+
+def grads_of(h, w, b, targets, set_ids, soft_ids, soft_w, *, vocab_start=0, softcap=None, lse, set_lse, coef_dense,
+             coef_target, coef_set, need_hidden=True, need_weight=True, need_bias=True, **kw):
+    """triton_shard_grads on canonical tensors and per-row arrays."""
+    canon = canon_of(h, w, b, targets, set_ids, soft_ids, soft_w, vocab_start=vocab_start, softcap=softcap)
+    grad = RowGrad(lse=lse, set_lse=set_lse, coef_dense=coef_dense, coef_target=coef_target, coef_set=coef_set)
+    return triton_shard_grads(canon, grad, Needs(need_hidden, need_weight, need_bias), **kw)
 
 
 # ----------------------------------------------------------------------------------------------- oracle
@@ -153,7 +174,7 @@ def assert_close(got, want, dtype, what):
 
 
 def check_stats(c, softcap, dtype, **kw):
-    stats = triton_partial_stats(*shard_args(c), vocab_start=c["vs"], softcap=softcap, **kw)
+    stats = triton_partial_stats(canon_of(*shard_args(c), vocab_start=c["vs"], softcap=softcap), **kw)
     want = oracle_stats(c, softcap)
     for name in ("max", "lse", "target_logit", "soft_dot"):
         assert_close(getattr(stats, name), want[name], dtype, name)
@@ -173,7 +194,7 @@ def check_stats(c, softcap, dtype, **kw):
 def check_grads(c, softcap, dtype, *, need_hidden=True, need_weight=True, need_bias=True, **kw):
     want = oracle_grads(c, softcap)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    dh, dw, db = triton_shard_grads(
+    dh, dw, db = grads_of(
         *shard_args(c), vocab_start=c["vs"], softcap=softcap, lse=dev(want["lse"].float()),
         set_lse=dev(want["set_lse"].float()), coef_dense=dev(c["coef_dense"]), coef_target=dev(c["coef_target"]),
         coef_set=dev(c["coef_set"]), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, **kw)
@@ -290,8 +311,8 @@ def test_same_inputs_give_bitwise_same_outputs():
     again = check_grads(c, None, torch.float32)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    s1 = triton_partial_stats(*shard_args(c), vocab_start=0, softcap=None)
-    s2 = triton_partial_stats(*shard_args(c), vocab_start=0, softcap=None)
+    s1 = triton_partial_stats(canon_of(*shard_args(c)))
+    s2 = triton_partial_stats(canon_of(*shard_args(c)))
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
 
 
@@ -306,13 +327,13 @@ def test_strided_inputs_give_the_contiguous_result():
     b_wide[::2] = args[2]
     strided = [h_t, w_strided, b_wide[::2]] + args[3:]
     assert not h_t.is_contiguous() and not w_strided.is_contiguous()
-    a = triton_partial_stats(*args, vocab_start=0, softcap=None)
-    s = triton_partial_stats(*strided, vocab_start=0, softcap=None)
+    a = triton_partial_stats(canon_of(*args))
+    s = triton_partial_stats(canon_of(*strided))
     for x, y in zip(a, s):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
     kw = dict(vocab_start=0, softcap=None, lse=a.lse, set_lse=a.set_lse, coef_dense=c["coef_dense"].to(DEVICE),
               coef_target=c["coef_target"].to(DEVICE), coef_set=c["coef_set"].to(DEVICE))
-    for x, y in zip(triton_shard_grads(*args, **kw), triton_shard_grads(*strided, **kw)):
+    for x, y in zip(grads_of(*args, **kw), grads_of(*strided, **kw)):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
@@ -324,9 +345,9 @@ def test_argmax_ties_take_the_lowest_id_across_vocab_slices():
     w = torch.randint(-2, 3, (v, d), generator=g).float()
     w[1500] = w[700] = w[300] = 10.0  # the same maximal row three times, in three different slices
     for splits in (1, 3):
-        st = triton_partial_stats(h.to(DEVICE), w.to(DEVICE), None, torch.zeros(n, dtype=torch.long, device=DEVICE),
-                                  torch.full((n, 0), -1, dtype=torch.long, device=DEVICE), None, None,
-                                  vocab_start=100, softcap=None, vocab_splits=splits)
+        canon = canon_of(h.to(DEVICE), w.to(DEVICE), None, torch.zeros(n, dtype=torch.long, device=DEVICE),
+                         torch.full((n, 0), -1, dtype=torch.long, device=DEVICE), None, None, vocab_start=100)
+        st = triton_partial_stats(canon, vocab_splits=splits)
         z = h.double() @ w.double().t()
         want = z.argmax(1) + 100  # torch returns the first maximal index
         assert torch.equal(st.argmax.cpu(), want), splits
@@ -337,13 +358,13 @@ def test_bad_inputs_raise_clear_errors():
     c = make_case(8, 64, 16, 2, dtype=torch.float32, seed=1)
     args = shard_args(c)
     with pytest.raises(TypeError, match="same dtype"):
-        triton_partial_stats(args[0], args[1].double(), *args[2:], vocab_start=0, softcap=None)
+        triton_partial_stats(canon_of(args[0], args[1].double(), *args[2:]))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        triton_partial_stats(args[0].double(), args[1].double(), *args[2:], vocab_start=0, softcap=None)
+        triton_partial_stats(canon_of(args[0].double(), args[1].double(), *args[2:]))
     with pytest.raises(ValueError, match="share D"):
-        triton_partial_stats(args[0][:, :8], *args[1:], vocab_start=0, softcap=None)
+        triton_partial_stats(canon_of(args[0][:, :8], *args[1:]))
     with pytest.raises(ValueError, match="softcap"):
-        triton_partial_stats(*args, vocab_start=0, softcap=-1.0)
+        triton_partial_stats(canon_of(*args, softcap=-1.0))
 
 
 def test_tile_filter_is_a_switch_with_a_bounded_effect():

@@ -1,6 +1,6 @@
 """Measure what the backward's tile filter (filter_eps) costs in accuracy:
 
-    python -m fused_concept.kernels.filter_accuracy          (CUDA, or Triton's interpreter on CPU)
+    python -m benchmarks.filter_accuracy          (CUDA, or Triton's interpreter on CPU)
 
 A synthetic head with a Zipf-like unigram bias (b_v = -2 log(v + 1), so a few ids carry most of the
 mass, as in trained LM heads) and Gaussian logits; plain cross-entropy gradient with coefficient 1/N.
@@ -17,6 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fused_concept.kernels import configs  # noqa: E402
+from fused_concept._inputs import Canonical  # noqa: E402
+from fused_concept._rowmath import Needs, RowGrad  # noqa: E402
 from fused_concept._triton_path import triton_shard_grads  # noqa: E402
 
 
@@ -45,10 +47,13 @@ def main(n=128, v=8192, d=64, scale=2.0, eps_list=(0.0, 2.0 ** -20, 2.0 ** -16, 
     coef = torch.full((n,), 1.0 / n)
     to = lambda t: t.to(dev)  # noqa: E731
     for eps in eps_list:
-        dh, dw, _ = triton_shard_grads(
-            to(h), to(w), to(b), to(y), to(torch.full((n, 0), -1, dtype=torch.long)), None, None, vocab_start=0,
-            softcap=None, lse=to(lse.float()), set_lse=to(torch.full((n,), float("-inf"))), coef_dense=to(coef),
-            coef_target=to(coef), coef_set=to(torch.zeros(n)), need_bias=False, filter_eps=eps)
+        ones = to(torch.ones(n))
+        canon = Canonical(hidden=to(h), weight=to(w), bias=to(b), targets=to(y), valid=ones.bool(),
+                          set_ids=to(torch.full((n, 0), -1, dtype=torch.long)), has_set=~ones.bool(), soft_ids=None,
+                          soft_weights=None, alpha=ones, beta=ones, lead_shape=torch.Size([n]))
+        grad = RowGrad(lse=to(lse.float()), set_lse=to(torch.full((n,), float("-inf"))), coef_dense=to(coef),
+                       coef_target=to(coef), coef_set=to(torch.zeros(n)))
+        dh, dw, _ = triton_shard_grads(canon, grad, Needs(True, True, False), filter_eps=eps)
         rel = lambda a, e: float((a.double().cpu() - e).norm() / e.norm())  # noqa: E731
         dropped = float((tile_max < eps).double().mean())
         print(f"filter_eps={eps:.3g}  tiles_dropped={dropped:.3f}  rel_err_d_hidden={rel(dh, want_dh):.2e}  "

@@ -1,7 +1,7 @@
 """Compile every kernel in every configuration the dispatcher can choose, for a GPU architecture,
 without a GPU, and print one JSON object per compiled kernel:
 
-    python -m fused_concept.kernels.report --arch 90            (or --arch 80; repeatable)
+    python -m benchmarks.kernel_report --arch 90            (or --arch 80; repeatable)
 
 keys: kernel (the @triton.jit function's name), config, launch_config (the dispatcher's name for it), arch, registers, spill_bytes (ptxas spill
 stores + loads), stack_bytes, shared_bytes (Triton's shared memory for the launch), shared_limit (the
@@ -31,7 +31,7 @@ _PTR = {"16bit-bf16": "*bf16", "16bit-fp16": "*fp16", "fp32": "*fp32"}
 
 def _plan():
     """[(kernel name, config label, dtype class, feature dict)] for every dispatcher configuration."""
-    from . import configs
+    from fused_concept.kernels import configs
 
     plan = []
     for dt in ("16bit-bf16", "16bit-fp16", "fp32"):
@@ -70,7 +70,8 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
     import triton
     from triton.compiler import ASTSource
 
-    from . import chunk_matmul, dense_grad, dense_stats, sparse_grad_hidden, sparse_grad_weight, sparse_logits
+    from fused_concept.kernels import (chunk_matmul, dense_grad, dense_stats, sparse_grad_hidden,
+                                       sparse_grad_weight, sparse_logits)
 
     fp = _PTR[dt]
     if kernel == "dense_stats":
@@ -147,7 +148,7 @@ def compile_one(item):
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
-    from . import configs
+    from fused_concept.kernels import configs
 
     cfg = configs.all_configs(arch)[(kernel, cls)]
     src = _source(kernel, dt, features, cfg.blocks)

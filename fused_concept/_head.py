@@ -1,0 +1,162 @@
+"""The LM head of a transformers causal LM, described as the fused loss sees it.
+
+A causal LM computes ``logits = softcap * tanh(scale * (W h + b) / softcap)`` (no tanh without a softcap)
+from its base model's final hidden states ``h``. :class:`Head` holds ``W``, ``b``, the architecture's
+logit ``scale`` and ``softcap``; :meth:`Head.fold` gives the ``(hidden, bias)`` that
+``concept_loss(hidden, head.weight, ..., bias=bias, softcap=head.softcap)`` needs (the scale folded in),
+and :meth:`Head.logits` the model's own logits, for the few places that want them (tests, concept
+building). Scales read from the config: Cohere's ``logit_scale`` (multiply), Granite's ``logits_scaling``
+(divide), Falcon-H1's ``lm_head_multiplier`` and MuseSpark's ``output_multiplier`` (multiply); Gemma 2/3's
+``final_logit_softcapping`` is the softcap; a config's ``unpadded_vocab_size`` trims the head's padding
+rows. Tied embeddings need nothing special: ``W`` is the very Parameter the input embedding uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# (config attribute, how it acts on the logits). Read from the text config of the model.
+_LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier", "output_multiplier")  # logits = logits * value
+_LOGIT_DIVISORS = ("logits_scaling",)  # logits = logits / value
+
+
+def unwrap_peft(model):
+    """PEFT wraps the transformers model; the head and the patch live on the inner one."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def _text_config(model):
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        try:
+            return config.get_text_config(decoder=True)
+        except TypeError:  # older signature
+            return config.get_text_config()
+    return config
+
+
+def base_model(model):
+    """The decoder stack without the LM head (``model.model`` for Llama, ``model.transformer`` for GPT-2)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if base is None and hasattr(model, "get_decoder"):
+        base = model.get_decoder()
+    if base is None or base is model:
+        raise TypeError(
+            f"{type(model).__name__} has no separate base model (base_model_prefix={prefix!r}); "
+            "fused_concept.hf needs a causal LM made of a base model plus an LM head"
+        )
+    return base
+
+
+def _config_scale(config) -> float:
+    """The product of every scalar the architecture multiplies its logits by (1.0 when none)."""
+    scale = 1.0
+    for name in _LOGIT_MULTIPLIERS + _LOGIT_DIVISORS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale = scale * float(value) if name in _LOGIT_MULTIPLIERS else scale / float(value)
+    return scale
+
+
+@dataclass(frozen=True)
+class Head:
+    """An LM head: ``weight`` [V, D] (the model's own Parameter, or a view of it), ``bias`` [V] or None,
+    the logit ``scale`` and the ``softcap`` (None when the model has none)."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, model) -> "Head":
+        """The head of a transformers causal LM (PEFT-wrapped or not); rows past the config's
+        ``unpadded_vocab_size`` (padding the model slices off its logits) are left out."""
+        model = unwrap_peft(model)
+        module = model.get_output_embeddings()
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no [vocab, hidden] weight")
+        bias = getattr(module, "bias", None)
+        config = _text_config(model)
+        unpadded = getattr(config, "unpadded_vocab_size", None)
+        if isinstance(unpadded, int) and 0 < unpadded < weight.shape[0]:
+            weight = weight[:unpadded]
+            bias = None if bias is None else bias[:unpadded]
+        cap = getattr(config, "final_logit_softcapping", None)
+        return cls(weight, bias, _config_scale(config), float(cap) if cap else None)
+
+    def fold(self, hidden: Tensor):
+        """(hidden, bias) with the logit scale folded in: the model's logits are then
+        ``softcap * tanh((hidden @ weight.T + bias) / softcap)``."""
+        if self.scale == 1.0:
+            return hidden, self.bias
+        return hidden * self.scale, None if self.bias is None else self.bias * self.scale
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The model's logits from its base model's final hidden states (scale and softcap applied)."""
+        hidden, bias = self.fold(hidden)
+        logits = torch.nn.functional.linear(hidden, self.weight, bias)
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def run_base(model, input_ids, attention_mask, kw):
+    """(base model outputs, final hidden states, Head) of one forward without the LM head."""
+    model = unwrap_peft(model)
+    outputs = base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return outputs, hidden, Head.of(model)
+
+
+def hidden_and_head(model, input_ids=None, attention_mask=None, **kw):
+    """Run ``model`` without its LM head: returns ``(hidden [B,T,D], weight [V,D], bias [V] or None, softcap or None)``.
+
+    The model's logits equal ``softcap * tanh((hidden @ weight.T + bias) / softcap)`` (no tanh when
+    ``softcap`` is None): the architecture's logit scale is already folded into ``hidden`` and ``bias``.
+    ``weight`` is the head's own Parameter (the input embedding's when tied), so gradients flow to it.
+    Extra keyword arguments (``position_ids``, ``inputs_embeds``, ``past_key_values``, ``use_cache``, ...)
+    go to the base model unchanged.
+    """
+    _, hidden, head = run_base(model, input_ids, attention_mask, kw)
+    hidden, bias = head.fold(hidden)
+    return hidden, head.weight, bias, head.softcap
+
+
+@torch.no_grad()
+def check_head(model, input_ids=None, *, atol=1e-4, rtol=1e-4) -> float:
+    """Check that :func:`hidden_and_head` reproduces the model's own logits; returns the max abs difference.
+
+    Runs the unpatched forward and the head recomputation on ``input_ids`` (a short default when None)
+    and raises ``ValueError`` naming the architecture when they differ beyond the tolerances.
+    """
+    from .hf import original_forward
+
+    inner = unwrap_peft(model)
+    head = Head.of(inner)
+    if input_ids is None:
+        input_ids = torch.arange(1, 9, device=head.weight.device).remainder(head.weight.shape[0])[None]
+    was_training = inner.training
+    inner.eval()  # dropout would make the two passes differ
+    try:
+        expected = original_forward(inner)(input_ids=input_ids, return_dict=True).logits.float()
+        _, hidden, _ = run_base(inner, input_ids, None, {})
+    finally:
+        inner.train(was_training)
+    got = head.logits(hidden).float()
+    name = type(inner).__name__
+    if got.shape != expected.shape:
+        raise ValueError(f"fused_concept.hf cannot reproduce the logits of {name}: they have shape "
+                         f"{tuple(expected.shape)}, the head gives {tuple(got.shape)}")
+    diff = (got - expected).abs().max().item()
+    if not torch.allclose(got, expected, atol=atol, rtol=rtol):
+        raise ValueError(f"fused_concept.hf cannot reproduce the logits of {name} (max abs difference {diff:.3g}); "
+                         "its forward does more than a base model, a head, a logit scale and a softcap")
+    return diff
