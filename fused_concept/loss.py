@@ -8,9 +8,9 @@ Implementations (`impl=`):
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from . import _backends
@@ -27,6 +27,23 @@ def _reference_loss(canon: Canonical, reduction: str):
     stats, terms = reference_rows(canon)
     loss = reduce_rows(terms.loss, canon.valid, reduction)
     return loss, ConceptStats(stats.lse.detach(), terms.ce.detach(), terms.mass.detach(), stats.argmax)
+
+
+def _has_dtensor(*tensors) -> bool:
+    tensor_module = sys.modules.get("torch.distributed.tensor")  # never imported here just to look
+    return tensor_module is not None and any(isinstance(t, tensor_module.DTensor) for t in tensors)
+
+
+def _tensor_parallel_loss(hidden, weight, targets, concepts, options: dict, *, impl: str, return_stats: bool,
+                          kernel_options: Optional[dict]):
+    """DTensor head: the vocab-parallel loss on the mesh's group (distributed.tensor_parallel_blocks)."""
+    from .distributed import tensor_parallel_blocks, vocab_parallel_concept_loss
+
+    if kernel_options:
+        raise ValueError("kernel_options are not supported with a DTensor (tensor-parallel) head")
+    hidden, weight, bias, group = tensor_parallel_blocks(hidden, weight, options["bias"])
+    return vocab_parallel_concept_loss(hidden, weight, targets, concepts, group=group, impl=impl,
+                                       return_stats=return_stats, **dict(options, bias=bias))
 
 
 def concept_loss(
@@ -80,10 +97,13 @@ def concept_loss(
     Returns:
         the loss (a scalar, or per-row shaped like targets for reduction="none"), and the stats when asked.
     """
-    canon = prepare(hidden, weight, targets, concepts, bias=bias, ntp_weight=ntp_weight,
-                    concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
-                    include_target=include_target, ignore_index=ignore_index, reduction=reduction,
-                    softcap=softcap, z_loss=z_loss)
+    options = dict(bias=bias, ntp_weight=ntp_weight, concept_weight=concept_weight, margin=margin, mode=mode,
+                   concept_probs=concept_probs, include_target=include_target, ignore_index=ignore_index,
+                   reduction=reduction, softcap=softcap, z_loss=z_loss)
+    if _has_dtensor(hidden, weight, bias):
+        return _tensor_parallel_loss(hidden, weight, targets, concepts, options, impl=impl, return_stats=return_stats,
+                                     kernel_options=kernel_options)
+    canon = prepare(hidden, weight, targets, concepts, **options)
     which = _backends.resolve(impl, hidden.device)
     options = _backends.check_kernel_options(which, kernel_options)
     if which == "reference":
