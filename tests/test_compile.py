@@ -145,3 +145,50 @@ def test_triton_kernels_run_as_the_registered_op_in_compiled_code():
     assert rel_err(got_loss, ref_loss) < 2e-5
     for got, ref in zip(got_grads, ref_grads):
         assert rel_err(got, ref) < 1e-4
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, one tanh layer and an LM head whose own forward computes the loss (fc.fuse_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        self.layer = torch.nn.Linear(D, D)
+        self.head = fc.fuse_head(torch.nn.Linear(D, V), lam=0.4, margin=None)
+
+    def trunk(self, ids):
+        return torch.tanh(self.layer(self.embed(ids)))
+
+    def forward(self, ids, targets, concepts):
+        return self.head(self.trunk(ids), targets, concepts)
+
+
+def test_inductor_training_step_of_a_model_calling_the_loss():
+    """One Inductor compile (the slow part of this file) of a model's forward and backward: loss and every
+    parameter's gradient as in eager mode and as the float64 contract gives them."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, V, (2, 7), generator=g)
+    _, _, _, y, c, _ = _inputs(seed=9, n=14)
+    y, c = y.reshape(2, 7), c.reshape(2, 7, -1)
+
+    compiled = torch.compile(model, fullgraph=True)  # Inductor
+    with torch._inductor.config.patch(compile_threads=1):  # no worker pool: faster on 2 cores
+        loss = compiled(ids, y, c)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(ids, y, c)
+    eager.backward()
+    assert rel_err(loss, eager) < 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(got[n], p.grad) < 1e-5, n
+
+    ref = copy.deepcopy(model).double()
+    ref_loss, _ = contract_loss(ref.trunk(ids), ref.head.weight, y, c, bias=ref.head.bias,
+                                **_objective_rows(y.reshape(-1), c.reshape(14, -1), 0.4))
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss) < 2e-5
+    for (n, p), (_, p64) in zip(model.named_parameters(), ref.named_parameters()):
+        assert rel_err(got[n], p64.grad) < 1e-4, n
