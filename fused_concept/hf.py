@@ -183,3 +183,12 @@ def _aligned_rows(hidden, labels, shift_labels, concepts, concept_probs):
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
     shift = lambda t: None if t is None else t[:, 1:].to(hidden.device)  # noqa: E731
     return hidden[:, :-1], shift(labels), shift(concepts), shift(concept_probs)
+
+
+def __getattr__(name):
+    # the Trainer pieces import transformers.Trainer (slow): loaded on first use
+    if name in ("ConceptCollator", "ConceptTrainer"):
+        from . import _hf_trainer
+
+        return getattr(_hf_trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
