@@ -156,6 +156,7 @@ def _scaled(grads, grad_loss: Tensor):
     return tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
 
 
+@torch.autograd.function.once_differentiable
 def _backward(ctx, grad_loss, *_non_differentiable):
     wants = ctx.needs_input_grad[:3]
     if grad_loss is None:  # no gradient reached the loss (only a non-differentiable output was used)

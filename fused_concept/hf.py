@@ -1,10 +1,13 @@
 """Hugging Face transformers integration: causal LMs that never materialise [tokens x vocab] logits.
 
 A causal LM's usual forward computes ``logits = head(h)`` for every position and then a cross-entropy.
-After :func:`patch`, its forward stops at the final hidden states ``h`` and hands ``h`` and the head
-(:class:`fused_concept._head.Head`: weight, bias, logit scale, softcap) to
-:func:`fused_concept.concept_loss` / :func:`fused_concept.concept_objective`, which compute the same loss
-(and gradients) without ever holding the logits. :func:`unpatch` undoes it.
+After :func:`patch`, its forward stops at the final hidden states ``h`` and calls the LM head module with
+``h`` and the targets; the head's own forward (:func:`fused_concept.fuse_head`) hands its weight, bias,
+logit scale and softcap (:class:`fused_concept._head.Head`) to :func:`fused_concept.concept_loss` /
+:func:`fused_concept.concept_objective`, which compute the same loss (and gradients) without ever holding
+the logits. Computing it inside the head's forward lets FSDP2 gather a sharded head as for any layer.
+:func:`unpatch` undoes it. For ``transformers.Trainer``: :class:`ConceptCollator` and :class:`ConceptTrainer`
+(``fused_concept/_hf_trainer.py``).
 
 Also here, for convenience: :func:`hidden_and_head` and :func:`check_head` (the head description,
 ``fused_concept/_head.py``) and the model loaders (``fused_concept/_models.py``). Architectures whose
