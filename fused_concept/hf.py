@@ -115,6 +115,8 @@ def patch(model, **loss_options):
         "head": head,
         "output_class": _output_class(inner),
     }
+    # read once here: torch.compile cannot trace dataclasses.fields of a class
+    state["output_fields"] = frozenset(f.name for f in dataclasses.fields(state["output_class"]))
     fuse_head(head, **head_options(inner), **loss_options)
     vars(inner)[_PATCH_FLAG] = state
     inner.forward = types.MethodType(_patched_forward, inner)
@@ -167,8 +169,7 @@ def _patched_forward(
     loss = head(hidden_rows, targets, concepts, concept_probs=concept_probs, num_items_in_batch=num_items_in_batch,
                 num_content=num_content)
     logits = model_logits(head, hidden) if return_logits else None
-    output_class = state["output_class"]
-    names = {f.name for f in dataclasses.fields(output_class)}
+    output_class, names = state["output_class"], state["output_fields"]
     items = outputs.items() if hasattr(outputs, "items") else ()
     fields = {k: v for k, v in items if k in names and k not in ("loss", "logits")}
     result = output_class(loss=loss, logits=logits, **fields)
