@@ -2,9 +2,10 @@
 [tokens x vocab] logits never exist in memory. See docs/math.md for the exact definition."""
 import importlib
 
+from ._fused_head import fuse_head, unfuse_head
 from .loss import ConceptLoss, ConceptStats, concept_loss, concept_objective
 
-__all__ = ["concept_loss", "concept_objective", "ConceptLoss", "ConceptStats"]
+__all__ = ["concept_loss", "concept_objective", "ConceptLoss", "ConceptStats", "fuse_head", "unfuse_head"]
 __version__ = "0.1.0"
 
 # submodules with heavier dependencies (transformers, torch.distributed) load on first use

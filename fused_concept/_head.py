@@ -64,6 +64,17 @@ def _config_scale(config) -> float:
     return scale
 
 
+def head_options(model) -> dict:
+    """What a causal LM's config says about its head: the logit ``scale``, the ``softcap`` and the ``rows``
+    that are real vocabulary (None: all), as keywords of :meth:`Head.of_module`."""
+    config = _text_config(model)
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    padded = isinstance(unpadded, int) and isinstance(weight, Tensor) and 0 < unpadded < weight.shape[0]
+    cap = getattr(config, "final_logit_softcapping", None)
+    return dict(scale=_config_scale(config), softcap=float(cap) if cap else None, rows=unpadded if padded else None)
+
+
 @dataclass(frozen=True)
 class Head:
     """An LM head: ``weight`` [V, D] (the model's own Parameter, or a view of it), ``bias`` [V] or None,
@@ -80,17 +91,23 @@ class Head:
         ``unpadded_vocab_size`` (padding the model slices off its logits) are left out."""
         model = unwrap_peft(model)
         module = model.get_output_embeddings()
+        if module is None:
+            raise TypeError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+        return cls.of_module(module, **head_options(model))
+
+    @classmethod
+    def of_module(cls, module, *, scale: float = 1.0, softcap: Optional[float] = None,
+                  rows: Optional[int] = None) -> "Head":
+        """The head held by ``module`` (its ``weight`` [V, D] and ``bias``, as they are at this moment: inside
+        the module's forward under FSDP2, the gathered ones), its first ``rows`` rows when given."""
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError(f"{type(model).__name__}.get_output_embeddings() has no [vocab, hidden] weight")
+            raise TypeError(f"the LM head {type(module).__name__} has no [vocab, hidden] weight")
         bias = getattr(module, "bias", None)
-        config = _text_config(model)
-        unpadded = getattr(config, "unpadded_vocab_size", None)
-        if isinstance(unpadded, int) and 0 < unpadded < weight.shape[0]:
-            weight = weight[:unpadded]
-            bias = None if bias is None else bias[:unpadded]
-        cap = getattr(config, "final_logit_softcapping", None)
-        return cls(weight, bias, _config_scale(config), float(cap) if cap else None)
+        if rows is not None:
+            weight = weight[:rows]
+            bias = None if bias is None else bias[:rows]
+        return cls(weight, bias, scale, softcap)
 
     def fold(self, hidden: Tensor):
         """(hidden, bias) with the logit scale folded in: the model's logits are then
@@ -109,11 +126,11 @@ class Head:
 
 
 def run_base(model, input_ids, attention_mask, kw):
-    """(base model outputs, final hidden states, Head) of one forward without the LM head."""
+    """(base model outputs, final hidden states) of one forward without the LM head."""
     model = unwrap_peft(model)
     outputs = base_model(model)(input_ids=input_ids, attention_mask=attention_mask, **kw)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return outputs, hidden, Head.of(model)
+    return outputs, hidden
 
 
 def hidden_and_head(model, input_ids=None, attention_mask=None, **kw):
@@ -125,7 +142,8 @@ def hidden_and_head(model, input_ids=None, attention_mask=None, **kw):
     Extra keyword arguments (``position_ids``, ``inputs_embeds``, ``past_key_values``, ``use_cache``, ...)
     go to the base model unchanged.
     """
-    _, hidden, head = run_base(model, input_ids, attention_mask, kw)
+    _, hidden = run_base(model, input_ids, attention_mask, kw)
+    head = Head.of(model)
     hidden, bias = head.fold(hidden)
     return hidden, head.weight, bias, head.softcap
 
@@ -147,7 +165,7 @@ def check_head(model, input_ids=None, *, atol=1e-4, rtol=1e-4) -> float:
     inner.eval()  # dropout would make the two passes differ
     try:
         expected = original_forward(inner)(input_ids=input_ids, return_dict=True).logits.float()
-        _, hidden, _ = run_base(inner, input_ids, None, {})
+        _, hidden = run_base(inner, input_ids, None, {})
     finally:
         inner.train(was_training)
     got = head.logits(hidden).float()

@@ -102,6 +102,34 @@ def _first_bad(ids: Tensor, bad: Tensor) -> int:
     return int(ids[bad].reshape(-1)[0].item())
 
 
+@torch.library.custom_op("fused_concept::checked_valid_rows", mutates_args=())
+def checked_valid_rows(flat_targets: Tensor, flat_concepts: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """The rows that count (`targets != ignore_index`), after checking that every id lies in [0, vocab).
+
+    These are the only checks that read tensor values. They run inside a registered op so that
+    torch.compile(fullgraph=True) keeps them out of the traced graph (the fake below gives the shape):
+    they still run, and raise, at run time in compiled code as in eager code."""
+    valid = flat_targets != ignore_index
+    bad = valid & ((flat_targets < 0) | (flat_targets >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"targets holds id {_first_bad(flat_targets, bad)} outside the vocabulary [0, {vocab}) "
+            f"(use ignore_index={ignore_index} to drop a row)"
+        )
+    bad = (flat_concepts != PAD) & ((flat_concepts < 0) | (flat_concepts >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"concepts holds id {_first_bad(flat_concepts, bad)} outside the vocabulary [0, {vocab}) "
+            f"(pad with -1)"
+        )
+    return valid
+
+
+@checked_valid_rows.register_fake
+def _(flat_targets, flat_concepts, ignore_index, vocab):
+    return torch.empty_like(flat_targets, dtype=torch.bool)
+
+
 def dedup_rows(ids: Tensor) -> Tensor:
     """Replace repeated ids within each row by -1 (each id kept once; order not preserved)."""
     if ids.shape[1] <= 1:
@@ -185,13 +213,6 @@ def prepare(
             f"targets must have hidden's leading shape {tuple(lead_shape)}, got {tuple(targets.shape)}"
         )
     flat_targets = targets.reshape(n).long()
-    valid = flat_targets != ignore_index
-    bad = valid & ((flat_targets < 0) | (flat_targets >= vocab))
-    if bool(bad.any()):
-        raise ValueError(
-            f"targets holds id {_first_bad(flat_targets, bad)} outside the vocabulary [0, {vocab}) "
-            f"(use ignore_index={ignore_index} to drop a row)"
-        )
 
     if concepts is None:
         if concept_probs is not None:
@@ -204,12 +225,7 @@ def prepare(
                 f"concepts must be shaped {tuple(lead_shape)} + (K,), got {tuple(concepts.shape)}"
             )
         flat_concepts = concepts.reshape(n, concepts.shape[-1]).long()
-        bad = (flat_concepts != PAD) & ((flat_concepts < 0) | (flat_concepts >= vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"concepts holds id {_first_bad(flat_concepts, bad)} outside the vocabulary [0, {vocab}) "
-                f"(pad with -1)"
-            )
+    valid = checked_valid_rows(flat_targets, flat_concepts, ignore_index, vocab)
 
     listed = flat_concepts != PAD
     has_set = valid & listed.any(dim=1)

@@ -1,10 +1,13 @@
 """Hugging Face transformers integration: causal LMs that never materialise [tokens x vocab] logits.
 
 A causal LM's usual forward computes ``logits = head(h)`` for every position and then a cross-entropy.
-After :func:`patch`, its forward stops at the final hidden states ``h`` and hands ``h`` and the head
-(:class:`fused_concept._head.Head`: weight, bias, logit scale, softcap) to
-:func:`fused_concept.concept_loss` / :func:`fused_concept.concept_objective`, which compute the same loss
-(and gradients) without ever holding the logits. :func:`unpatch` undoes it.
+After :func:`patch`, its forward stops at the final hidden states ``h`` and calls the LM head module with
+``h`` and the targets; the head's own forward (:func:`fused_concept.fuse_head`) hands its weight, bias,
+logit scale and softcap (:class:`fused_concept._head.Head`) to :func:`fused_concept.concept_loss` /
+:func:`fused_concept.concept_objective`, which compute the same loss (and gradients) without ever holding
+the logits. Computing it inside the head's forward lets FSDP2 gather a sharded head as for any layer.
+:func:`unpatch` undoes it. For ``transformers.Trainer``: :class:`ConceptCollator` and :class:`ConceptTrainer`
+(``fused_concept/_hf_trainer.py``).
 
 Also here, for convenience: :func:`hidden_and_head` and :func:`check_head` (the head description,
 ``fused_concept/_head.py``) and the model loaders (``fused_concept/_models.py``). Architectures whose
@@ -18,9 +21,8 @@ import dataclasses
 import inspect
 import types
 
-import torch
-
-from ._head import Head, base_model, check_head, hidden_and_head, run_base, unwrap_peft
+from ._fused_head import check_loss_options, fuse_head, model_logits, unfuse_head
+from ._head import Head, base_model, check_head, head_options, hidden_and_head, run_base, unwrap_peft
 from ._models import (DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE, default_gguf_path, load_default_model,
                       load_default_tokenizer, load_model)
 
@@ -31,6 +33,8 @@ __all__ = [
     "check_head",
     "patch",
     "unpatch",
+    "ConceptCollator",
+    "ConceptTrainer",
     "is_patched",
     "load_default_model",
     "load_default_tokenizer",
@@ -41,8 +45,6 @@ __all__ = [
 ]
 
 _PATCH_FLAG = "_fused_concept_patch"
-
-_KNOWN_OPTIONS = {"lam", "margin", "impl", "z_loss", "ignore_index", "include_target", "mode"}
 
 
 def is_patched(model) -> bool:
@@ -88,7 +90,11 @@ def patch(model, **loss_options):
       (``fused_concept._objective.paper_weights``) around ``concept_loss`` with those options;
       without: plain fused cross-entropy, ``fused_concept.concept_loss(..., reduction="mean")``.
       ``num_items_in_batch`` (the Trainer's global count of label tokens) turns the mean into
-      sum / num_items_in_batch, like transformers, and is the objective's ``num_valid``.
+      sum / num_items_in_batch, like transformers, and is the objective's ``num_valid``; ``num_content``
+      is its |T| (``ConceptTrainer`` passes the global count; when only ``num_items_in_batch`` is given,
+      this batch's content rows scaled by num_items_in_batch / this batch's label tokens).
+    * the loss is computed in the LM head module's own forward (:func:`fused_concept.fuse_head`), so a head
+      sharded by FSDP2's ``fully_shard`` is gathered, and its gradient reduce-scattered, as for any layer.
     * returns the model's usual output type with ``.loss``; ``logits`` is None unless ``return_logits``.
     * without ``labels`` it is the original forward (logits included), so ``generate`` keeps working.
     * ``concept_probs`` (same shape as ``concepts``) selects the soft mode unless ``mode`` says otherwise.
@@ -96,20 +102,22 @@ def patch(model, **loss_options):
     ``loss_options``: ``lam``, ``margin``, ``impl``, ``z_loss``, ``ignore_index``, ``include_target``,
     ``mode``. Works on PEFT-wrapped models too (the inner model is patched).
     """
-    unknown = set(loss_options) - _KNOWN_OPTIONS
-    if unknown:
-        raise TypeError(f"patch() got unknown loss options {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+    check_loss_options("patch", loss_options)
     inner = unwrap_peft(model)
     base_model(inner)  # fail now, not at the first forward
     Head.of(inner)
     if is_patched(inner):
         unpatch(inner)
+    head = inner.get_output_embeddings()
     state = {
         "forward": inner.forward,
         "had_instance_forward": "forward" in vars(inner),
-        "options": dict(loss_options),
+        "head": head,
         "output_class": _output_class(inner),
     }
+    # read once here: torch.compile cannot trace dataclasses.fields of a class
+    state["output_fields"] = frozenset(f.name for f in dataclasses.fields(state["output_class"]))
+    fuse_head(head, **head_options(inner), **loss_options)
     vars(inner)[_PATCH_FLAG] = state
     inner.forward = types.MethodType(_patched_forward, inner)
     return model
@@ -120,6 +128,7 @@ def unpatch(model):
     inner = unwrap_peft(model)
     state = vars(inner).pop(_PATCH_FLAG, None)
     if state is not None:
+        unfuse_head(state["head"])
         if state["had_instance_forward"]:
             inner.forward = state["forward"]
         else:
@@ -136,6 +145,7 @@ def _patched_forward(
     concept_probs=None,
     return_logits=False,
     num_items_in_batch=None,
+    num_content=None,
     shift_labels=None,
     return_dict=None,
     logits_to_keep=0,
@@ -150,12 +160,16 @@ def _patched_forward(
             logits_to_keep=logits_to_keep, **kwargs,
         )
 
-    outputs, hidden, head = run_base(self, input_ids, attention_mask, kwargs)
-    rows = _aligned_rows(hidden, labels, shift_labels, concepts, concept_probs)
-    loss = _loss(rows, head, dict(state["options"]), num_items_in_batch)
-    logits = head.logits(hidden) if return_logits else None
-    output_class = state["output_class"]
-    names = {f.name for f in dataclasses.fields(output_class)}
+    outputs, hidden = run_base(self, input_ids, attention_mask, kwargs)
+    hidden_rows, targets, concepts, concept_probs = _aligned_rows(hidden, labels, shift_labels, concepts, concept_probs)
+    head = state["head"]
+    if self.get_output_embeddings() is not head:
+        raise RuntimeError("the model's LM head was replaced after fused_concept.hf.patch; patch the model again")
+    # the loss runs in the head module's own forward, so FSDP2 gathers its weight as for any call
+    loss = head(hidden_rows, targets, concepts, concept_probs=concept_probs, num_items_in_batch=num_items_in_batch,
+                num_content=num_content)
+    logits = model_logits(head, hidden) if return_logits else None
+    output_class, names = state["output_class"], state["output_fields"]
     items = outputs.items() if hasattr(outputs, "items") else ()
     fields = {k: v for k, v in items if k in names and k not in ("loss", "logits")}
     result = output_class(loss=loss, logits=logits, **fields)
@@ -175,34 +189,10 @@ def _aligned_rows(hidden, labels, shift_labels, concepts, concept_probs):
     return hidden[:, :-1], shift(labels), shift(concepts), shift(concept_probs)
 
 
-def _loss(rows, head: Head, options: dict, num_items_in_batch):
-    """The patched model's loss: the paper's objective with concepts, plain fused CE without."""
-    import fused_concept
-    from fused_concept._objective import paper_weights
+def __getattr__(name):
+    # the Trainer pieces import transformers.Trainer (slow): loaded on first use
+    if name in ("ConceptCollator", "ConceptTrainer"):
+        from . import _hf_trainer
 
-    hidden_rows, targets, concepts, concept_probs = rows
-    hidden_rows, bias = head.fold(hidden_rows)
-    ignore_index = options.pop("ignore_index", -100)
-    common = dict(bias=bias, softcap=head.softcap, impl=options.pop("impl", "auto"),
-                  z_loss=options.pop("z_loss", 0.0), ignore_index=ignore_index)
-    if concepts is None:
-        if concept_probs is not None:
-            raise ValueError("concept_probs were given without concepts")
-        if num_items_in_batch is None:
-            return fused_concept.concept_loss(hidden_rows, head.weight, targets, reduction="mean", **common)
-        loss = fused_concept.concept_loss(hidden_rows, head.weight, targets, reduction="sum", **common)
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        return loss / num_items_in_batch
-    lam, margin = options.pop("lam", 0.5), options.pop("margin", 0.6)
-    if concept_probs is not None and options.setdefault("mode", "soft") != "soft":
-        raise ValueError(f'concept_probs need mode="soft", but the model was patched with mode={options["mode"]!r}')
-    if not options:
-        return fused_concept.concept_objective(hidden_rows, head.weight, targets, concepts, lam=lam, margin=margin,
-                                               num_valid=num_items_in_batch, **common)
-    # soft mode or include_target=False: the paper's weights around concept_loss
-    ntp_weight, concept_weight = paper_weights(targets, concepts, lam, ignore_index, num_valid=num_items_in_batch)
-    return fused_concept.concept_loss(
-        hidden_rows, head.weight, targets, concepts, ntp_weight=ntp_weight.reshape(targets.shape),
-        concept_weight=concept_weight.reshape(targets.shape), margin=margin, concept_probs=concept_probs,
-        reduction="sum", **common, **options)
+        return getattr(_hf_trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

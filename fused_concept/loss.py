@@ -8,80 +8,42 @@ Implementations (`impl=`):
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from . import _backends
 from ._backends import IMPLS
 from ._inputs import Canonical, prepare
 from ._objective import objective_loss_options
+from ._op import fused_loss
 from ._outputs import ConceptStats, finish
 from ._reference import reference_rows
-from ._rowmath import Needs, grad_coefficients, reduce_rows, row_terms, upstream_per_row
-
-
-class _FusedConceptLoss(torch.autograd.Function):
-    """Loss and statistics from one sweep over the vocabulary; logits are never kept.
-
-    When the backend can (`Backend.fuses`) and the loss is a sum or mean, the gradient is formed during
-    the forward sweep (the loss is linear in the upstream scalar) and the backward only scales it.
-    Otherwise (or for "none", or a repeated backward) the backward recomputes the logits."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, canon: Canonical, backend: _backends.Backend, reduction: str,
-                kernel_options: dict, grad_mode: bool):
-        # needs_input_grad ignores torch.no_grad(); grad_mode is what concept_loss saw outside forward
-        wants = [need and grad_mode for need in ctx.needs_input_grad[:3]]
-        needs = Needs(hidden=wants[0], weight=wants[1], bias=bias is not None and wants[2])
-        grads = None
-        if backend.fuses and needs.any and reduction != "none":
-            scale = upstream_per_row(torch.ones((), device=hidden.device), canon.valid, reduction)
-            stats, grads = backend.stats_and_grads(canon, row_scale=scale, needs=needs)
-        else:
-            stats = backend.partial_stats(canon)
-        terms = row_terms(stats, canon)
-        loss = reduce_rows(terms.loss, canon.valid, reduction)
-        ctx.canon, ctx.backend, ctx.reduction, ctx.kernel_options = canon, backend, reduction, kernel_options
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.needs = needs
-        # the fused gradient is kept as a plain attribute (not saved tensors) so that the first backward
-        # can hand the buffers over to .grad without a copy; a repeated backward (retain_graph) recomputes
-        ctx.grads = grads
-        ctx.save_for_backward(stats.lse, stats.set_lse, terms.hinge)
-        ctx.mark_non_differentiable(terms.ce, terms.mass, stats.lse, stats.argmax)
-        return loss, stats.lse, terms.ce, terms.mass, stats.argmax
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, *_unused):
-        canon = ctx.canon
-        if ctx.grads is not None:
-            grads, ctx.grads = ctx.grads, None
-            if bool(grad_loss != 1):
-                grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        else:
-            lse, set_lse, hinge = ctx.saved_tensors
-            g = upstream_per_row(grad_loss, canon.valid, ctx.reduction)
-            grad = grad_coefficients(g, canon, lse=lse, set_lse=set_lse, hinge=hinge)
-            grads = ctx.backend.shard_grads(canon, grad, ctx.needs, ctx.kernel_options)
-        out = [None if gr is None or not need else gr.to(dt) for gr, need, dt in zip(grads, ctx.needs, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None, None
-
-
-def _fused_loss(canon: Canonical, weight: Tensor, bias: Optional[Tensor], which: str, reduction: str,
-                kernel_options: dict):
-    backend = _backends.get(which)
-    loss, *stats = _FusedConceptLoss.apply(canon.hidden, weight, bias, canon, backend, reduction, kernel_options,
-                                           torch.is_grad_enabled())
-    return loss, ConceptStats(*stats)
+from ._rowmath import reduce_rows
 
 
 def _reference_loss(canon: Canonical, reduction: str):
     stats, terms = reference_rows(canon)
     loss = reduce_rows(terms.loss, canon.valid, reduction)
     return loss, ConceptStats(stats.lse.detach(), terms.ce.detach(), terms.mass.detach(), stats.argmax)
+
+
+def _has_dtensor(*tensors) -> bool:
+    tensor_module = sys.modules.get("torch.distributed.tensor")  # never imported here just to look
+    return tensor_module is not None and any(isinstance(t, tensor_module.DTensor) for t in tensors)
+
+
+def _tensor_parallel_loss(hidden, weight, targets, concepts, options: dict, *, impl: str, return_stats: bool,
+                          kernel_options: Optional[dict]):
+    """DTensor head: the vocab-parallel loss on the mesh's group (distributed.tensor_parallel_blocks)."""
+    from .distributed import tensor_parallel_blocks, vocab_parallel_concept_loss
+
+    if kernel_options:
+        raise ValueError("kernel_options are not supported with a DTensor (tensor-parallel) head")
+    hidden, weight, bias, group = tensor_parallel_blocks(hidden, weight, options["bias"])
+    return vocab_parallel_concept_loss(hidden, weight, targets, concepts, group=group, impl=impl,
+                                       return_stats=return_stats, **dict(options, bias=bias))
 
 
 def concept_loss(
@@ -135,16 +97,19 @@ def concept_loss(
     Returns:
         the loss (a scalar, or per-row shaped like targets for reduction="none"), and the stats when asked.
     """
-    canon = prepare(hidden, weight, targets, concepts, bias=bias, ntp_weight=ntp_weight,
-                    concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
-                    include_target=include_target, ignore_index=ignore_index, reduction=reduction,
-                    softcap=softcap, z_loss=z_loss)
+    options = dict(bias=bias, ntp_weight=ntp_weight, concept_weight=concept_weight, margin=margin, mode=mode,
+                   concept_probs=concept_probs, include_target=include_target, ignore_index=ignore_index,
+                   reduction=reduction, softcap=softcap, z_loss=z_loss)
+    if _has_dtensor(hidden, weight, bias):
+        return _tensor_parallel_loss(hidden, weight, targets, concepts, options, impl=impl, return_stats=return_stats,
+                                     kernel_options=kernel_options)
+    canon = prepare(hidden, weight, targets, concepts, **options)
     which = _backends.resolve(impl, hidden.device)
     options = _backends.check_kernel_options(which, kernel_options)
     if which == "reference":
         loss, stats = _reference_loss(canon, reduction)
     else:
-        loss, stats = _fused_loss(canon, weight, bias, which, reduction, options)
+        loss, stats = fused_loss(canon, which, reduction, options)
     return finish(loss, stats, canon, reduction=reduction, return_stats=return_stats)
 
 

@@ -222,6 +222,33 @@ def test_patched_concept_objective_matches_float64(arch, soft):
             model(input_ids=ids, labels=labels, concepts=concepts, concept_probs=probs)
 
 
+def test_patched_model_compiles_fullgraph():
+    """torch.compile(fullgraph=True, which fails on any graph break) of the patched model's loss: the eager loss and
+    gradients (bitwise: AOTAutograd runs the same ops), and the float64 objective."""
+    model = _make("llama")
+    ids, mask, labels = _batch(seed=6)
+    concepts = torch.randint(3, V, (2, 9, 2), generator=torch.Generator().manual_seed(7))
+    concepts[:, ::3] = -1
+    ref = copy.deepcopy(model).double()
+    hidden, weight, bias, cap = hf.hidden_and_head(ref, ids, attention_mask=mask)
+    _paper_objective_float64(hidden[:, :-1], weight, bias, cap, labels[:, 1:], concepts[:, 1:], 0.5, None).backward()
+    hf.patch(model, lam=0.5, margin=None)
+
+    def loss_fn(ids_, mask_, labels_, concepts_):
+        return model(input_ids=ids_, attention_mask=mask_, labels=labels_, concepts=concepts_).loss
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(ids, mask, labels, concepts)
+    compiled.backward()
+    got = _grads(model)
+    model.zero_grad()
+    eager = loss_fn(ids, mask, labels, concepts)
+    eager.backward()
+    assert torch.equal(compiled, eager)
+    for n, p in model.named_parameters():
+        assert torch.equal(got[n], p.grad), n
+    _check_grads(model, _grads(ref))
+
+
 def test_num_items_in_batch_and_tuple_output():
     model = _make("llama")
     ids, mask, labels = _batch()

@@ -1,0 +1,194 @@
+"""torch.compile(fullgraph=True) over the fused loss: no graph breaks, the numbers of eager mode and of the
+float64 contract (tests/contract.py), value checks that still raise at run time, and the registered ops'
+own consistency (torch.library.opcheck: fake shapes, autograd registration).
+
+Compiling is slow on a 2-core CPU, so the cases are few and tiny: most use backend="aot_eager" (Dynamo +
+AOTAutograd, which trace the ops' fake implementations and the registered backward), and one training step
+of a small model goes through Inductor.
+"""
+import copy
+
+import pytest
+import torch
+
+import fused_concept as fc
+from contract import as_float64, contract_loss, rel_err
+
+V, D = 40, 8
+
+
+def _inputs(seed, n=12, k=3, *, bias=True, probs=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, D, generator=g).requires_grad_()
+    w = (torch.randn(V, D, generator=g) * 0.6).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.5).requires_grad_() if bias else None
+    y = torch.randint(0, V, (n,), generator=g)
+    y[3] = -100
+    c = torch.randint(0, V, (n, k), generator=g)
+    c[torch.rand(n, k, generator=g) < 0.3] = -1
+    c[5] = -1  # a row that lists no id
+    c[7, 1] = c[7, 0]  # a duplicate
+    c[8, 2] = y[8]  # the gold id listed
+    p = torch.rand(n, k, generator=g) if probs else None
+    return h, w, b, y, c, p
+
+
+def _objective_rows(y, c, lam):
+    """The paper objective's per-row weights, written out from the contract."""
+    valid = y != -100
+    content = valid & (c != -1).any(-1)
+    n_valid, n_content = int(valid.sum()), max(int(content.sum()), 1)
+    alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double() * valid
+    beta = torch.where(content, lam / n_content, 0.0).double()
+    return dict(ntp_weight=alpha, concept_weight=beta, reduction="sum")
+
+
+# name -> (the function compiled, the same loss from the float64 contract)
+CASES = {
+    "concept_loss": (
+        lambda h, w, b, y, c, p: fc.concept_loss(h, w, y, c, bias=b, margin=0.5, softcap=4.0, z_loss=1e-3),
+        lambda h, w, b, y, c, p: contract_loss(h, w, y, c, bias=b, margin=0.5, softcap=4.0, z_loss=1e-3)[0],
+    ),
+    "concept_objective": (
+        lambda h, w, b, y, c, p: fc.concept_objective(h, w, y, c, bias=b, lam=0.3, margin=None),
+        lambda h, w, b, y, c, p: contract_loss(h, w, y, c, bias=b, **_objective_rows(y, c, 0.3))[0],
+    ),
+    "ConceptLoss_soft_rows": (
+        lambda h, w, b, y, c, p: _SOFT_ROWS(h, w, y, c, bias=b, concept_probs=p),
+        lambda h, w, b, y, c, p: contract_loss(h, w, y, c, bias=b, concept_probs=p, mode="soft", reduction="none",
+                                               include_target=False, ntp_weight=0.7)[0],
+    ),
+}
+_SOFT_ROWS = fc.ConceptLoss(mode="soft", reduction="none", include_target=False, ntp_weight=0.7)
+
+
+def _loss_and_grads(fn, h, w, b, y, c, p, upstream):
+    params = [t for t in (h, w, b) if t is not None]
+    loss = fn(h, w, b, y, c, p)
+    return loss.detach(), torch.autograd.grad(loss, params, upstream.to(loss.dtype).expand(loss.shape))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fullgraph_compile_gives_eager_and_contract_numbers(case):
+    fn, contract_fn = CASES[case]
+    h, w, b, y, c, p = _inputs(seed=len(case), probs=case.endswith("soft_rows"))
+    explained = torch._dynamo.explain(fn)(h, w, b, y, c, p)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+    upstream = torch.tensor(1.7, dtype=torch.float64)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got_loss, got_grads = _loss_and_grads(compiled, h, w, b, y, c, p, upstream)
+    eager_loss, eager_grads = _loss_and_grads(fn, h, w, b, y, c, p, upstream)
+    assert torch.equal(got_loss, eager_loss)
+    for got, eager in zip(got_grads, eager_grads):
+        assert torch.equal(got, eager)
+
+    h64, w64, b64 = as_float64(h, w, b)
+    p64 = None if p is None else p.double()
+    ref_loss, ref_grads = _loss_and_grads(contract_fn, h64, w64, b64, y, c, p64, upstream)
+    assert rel_err(got_loss, ref_loss) < 2e-5
+    for got, ref in zip(got_grads, ref_grads):
+        assert rel_err(got, ref) < 1e-4
+
+
+def test_bad_ids_raise_the_eager_error_from_compiled_code():
+    h, w, b, y, c, _ = _inputs(seed=1)
+    fn = torch.compile(lambda h_, w_, y_, c_: fc.concept_loss(h_, w_, y_, c_), fullgraph=True, backend="aot_eager")
+    assert rel_err(fn(h, w, y, c), contract_loss(*as_float64(h, w), y, c)[0]) < 2e-5
+    bad_target, bad_concept = y.clone(), c.clone()
+    bad_target[2], bad_concept[4, 0] = V + 7, -5
+    for targets, concepts, message in ((bad_target, c, f"targets holds id {V + 7} outside the vocabulary"),
+                                       (y, bad_concept, "concepts holds id -5 outside the vocabulary")):
+        with pytest.raises(ValueError, match=message):
+            fc.concept_loss(h, w, targets, concepts)
+        with pytest.raises(ValueError, match=message):
+            fn(h, w, targets, concepts)
+
+
+def test_registered_ops_pass_opcheck():
+    """Fake implementations agree with the real ones (shapes, dtypes, strides), the schema and the
+    autograd registration are consistent, for the fused and the recomputing backward."""
+    from fused_concept._inputs import prepare
+    from fused_concept._op import _encode, _flat
+
+    h, w, b, y, c, _ = _inputs(seed=2)
+    canon = prepare(h, w, y, c, bias=b, margin=0.5)
+    ops = torch.ops.fused_concept
+    torch.library.opcheck(ops.checked_valid_rows.default, (y, c, -100, V))
+    for reduction, fuse in (("mean", (True, True, True)), ("none", (False, False, False))):
+        args = (*_flat(canon), "torch", reduction, _encode({}), *fuse)
+        torch.library.opcheck(ops.loss_forward.default, args)
+    lse, set_lse, hinge = (torch.rand(len(y)) + 3.0, torch.rand(len(y)) + 2.0, torch.ones(len(y)))
+    # the backward op runs inside autograd's backward, on tensors that do not require a gradient
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in _flat(canon)]
+    backward_args = (*detached, lse, set_lse, hinge, torch.rand(len(y)), "torch", _encode({}), True, True, True)
+    torch.library.opcheck(ops.loss_backward.default, backward_args)
+
+
+def test_triton_kernels_run_as_the_registered_op_in_compiled_code():
+    """impl="triton" inside a compiled function: Dynamo sees one op and its body launches the Triton kernels
+    (here in Triton's interpreter on CPU tensors; on CUDA the same op launches them on the GPU)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not fc._backends.interpreting():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    h, w, b, y, c, _ = _inputs(seed=3, n=10)
+    fn = lambda h_, w_, b_: fc.concept_loss(h_, w_, y, c, bias=b_, impl="triton", margin=0.5,  # noqa: E731
+                                            kernel_options={"deterministic": True})
+    explained = torch._dynamo.explain(fn)(h, w, b)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    got_loss, got_grads = _loss_and_grads(lambda *a: torch.compile(fn, fullgraph=True, backend="aot_eager")(*a[:3]),
+                                          h, w, b, y, c, None, torch.tensor(0.8))
+    h64, w64, b64 = as_float64(h, w, b)
+    ref_loss, ref_grads = _loss_and_grads(lambda *a: contract_loss(*a[:2], y, c, bias=a[2], margin=0.5)[0],
+                                          h64, w64, b64, y, c, None, torch.tensor(0.8, dtype=torch.float64))
+    assert rel_err(got_loss, ref_loss) < 2e-5
+    for got, ref in zip(got_grads, ref_grads):
+        assert rel_err(got, ref) < 1e-4
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, one tanh layer and an LM head whose own forward computes the loss (fc.fuse_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        self.layer = torch.nn.Linear(D, D)
+        self.head = fc.fuse_head(torch.nn.Linear(D, V), lam=0.4, margin=None)
+
+    def trunk(self, ids):
+        return torch.tanh(self.layer(self.embed(ids)))
+
+    def forward(self, ids, targets, concepts):
+        return self.head(self.trunk(ids), targets, concepts)
+
+
+def test_inductor_training_step_of_a_model_calling_the_loss():
+    """One Inductor compile (the slow part of this file) of a model's forward and backward: loss and every
+    parameter's gradient as in eager mode and as the float64 contract gives them."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, V, (2, 7), generator=g)
+    _, _, _, y, c, _ = _inputs(seed=9, n=14)
+    y, c = y.reshape(2, 7), c.reshape(2, 7, -1)
+
+    compiled = torch.compile(model, fullgraph=True)  # Inductor
+    with torch._inductor.config.patch(compile_threads=1):  # no worker pool: faster on 2 cores
+        loss = compiled(ids, y, c)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(ids, y, c)
+    eager.backward()
+    assert rel_err(loss, eager) < 1e-6
+    for n, p in model.named_parameters():
+        assert rel_err(got[n], p.grad) < 1e-5, n
+
+    ref = copy.deepcopy(model).double()
+    ref_loss, _ = contract_loss(ref.trunk(ids), ref.head.weight, y, c, bias=ref.head.bias,
+                                **_objective_rows(y.reshape(-1), c.reshape(14, -1), 0.4))
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss) < 2e-5
+    for (n, p), (_, p64) in zip(model.named_parameters(), ref.named_parameters()):
+        assert rel_err(got[n], p64.grad) < 1e-4, n
