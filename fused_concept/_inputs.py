@@ -232,9 +232,8 @@ def prepare(
                 f"got {tuple(concept_probs.shape)}"
             )
         soft_ids = members[:, : flat_concepts.shape[1]].contiguous()
-        soft_weights = (
-            concept_probs.detach().reshape(n, -1).float().masked_fill(soft_ids == PAD, 0.0).contiguous()
-        )
+        flat_probs = concept_probs.detach().reshape(soft_ids.shape).float()  # explicit K: N may be 0
+        soft_weights = flat_probs.masked_fill(soft_ids == PAD, 0.0).contiguous()
     elif concept_probs is not None:
         raise ValueError('concept_probs is only used with mode="soft"')
 
