@@ -1,8 +1,9 @@
 """Property-based tests: hypothesis draws shapes (N 0..300, V 1..5000, D 1..130, K 0..40), dtypes, every
 option of `concept_loss`, 3-D and non-contiguous inputs, -1 / duplicate / gold-in-set id patterns, custom
 ignore_index values, masked (-inf bias) ids and logits up to |z| = 1e4 with and without a softcap, and
-compares impl "reference", "torch" and "triton" (Triton's interpreter on CPU, smaller shapes) with the
-float64 contract of tests/contract.py: loss, every statistic and every gradient.
+compares impl "reference", "torch" and "triton" (Triton's interpreter on CPU, smaller shapes, and the
+backward's exact kernel_options) with the float64 contract of tests/contract.py: loss, every statistic
+and every gradient.
 
 Tolerances follow the rounding of the inputs' dtype at the example's logit scale (see `Bounds`): a
 logit formed from terms of magnitude M carries an error of about u * M (u the unit roundoff of the
@@ -53,6 +54,8 @@ class Limits:
 
 BIG = Limits(n=300, v=5000, d=130, k=40, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
 SMALL = Limits(n=40, v=700, d=40, k=6, dtypes=(torch.float32, torch.bfloat16, torch.float16))  # interpreter
+# the Triton backward's exact variants (filter_eps > 0 is approximate by design: kernels/README.md)
+KERNEL_OPTIONS = ((), (("deterministic", False),), (("weight_pass", "sweep"),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Case:
     ntp_weight: object  # float, or "rows" for a per-row tensor
     concept_weight: object
     grads: str  # all | hidden | none
+    kernel_options: Tuple[Tuple[str, object], ...] = ()  # impl="triton" only: the backward's switches
 
     @property
     def n(self) -> int:
@@ -130,6 +134,7 @@ def cases(draw, limits: Limits) -> Case:
         ntp_weight=draw(st.sampled_from([1.0, 0.0, 0.7, "rows"])),
         concept_weight=draw(st.sampled_from([1.0, 0.0, 2.5, "rows"])),
         grads=draw(st.sampled_from(["all", "all", "hidden", "none"])),
+        kernel_options=draw(st.sampled_from(KERNEL_OPTIONS)) if limits is SMALL else (),
     )
 
 
@@ -326,7 +331,7 @@ def _check_case(impl: str, case: Case) -> None:
     opts["margin"] = contract_opts["margin"] = margin
 
     loss, stats = fc.concept_loss(hidden, weight, targets, concepts, bias=bias, concept_probs=probs, impl=impl,
-                                  return_stats=True, **opts)
+                                  return_stats=True, kernel_options=dict(case.kernel_options) or None, **opts)
     ref, ref_stats = contract_loss(h64, w64, targets, concepts, bias=b64, concept_probs=p64, **contract_opts)
 
     # statistics
