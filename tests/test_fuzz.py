@@ -244,7 +244,10 @@ class Bounds:
         if case.softcap is not None:
             z = case.softcap * torch.tanh(z / case.softcap)
         magnitude = h.abs() @ w.abs().t() + (0.0 if b is None else finite_b.abs())
+        # a logit is never rounded more finely than its own size: a masked id under a softcap is -softcap
+        magnitude = torch.maximum(magnitude, torch.where(torch.isfinite(z), z.abs(), torch.zeros_like(z)))
         m = magnitude.max(dim=1).values if n else torch.zeros(0, dtype=torch.float64)
+        self.magnitude = m  # [N]: the largest |logit| (or product of magnitudes) of each row
         acc_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
         u_z = UNIT[acc_dtype] * (4.0 + 2.0 * math.sqrt(d))
         u_in = UNIT[case.dtype]
@@ -353,7 +356,10 @@ def _check_case(impl: str, case: Case) -> None:
     concept_delta = delta * (1.0 + (bounds.soft_mass if bounds.soft_mass is not None else 1.0))
     row_bound = (alpha.abs() * 2 * delta + beta.abs() * concept_delta + 2 * case.z_loss * lse_want.abs() * delta)
     lse_fin = torch.where(torch.isfinite(lse_want), lse_want, torch.zeros_like(lse_want))
-    row_size = alpha.abs() * ce_want.abs() + beta.abs() * lse_fin.abs() * 2 + case.z_loss * lse_fin ** 2
+    # the size of each term of the row (|cl| <= |lse| + |set_lse| <= |lse| + M), for the float32 rounding
+    concept_size = (lse_fin.abs() + bounds.magnitude) * (1.0 + (bounds.soft_mass if bounds.soft_mass is not None
+                                                                 else 1.0))
+    row_size = alpha.abs() * ce_want.abs() + beta.abs() * concept_size + case.z_loss * lse_fin ** 2
     row_bound = torch.where(bounds.valid, row_bound + acc * (row_size + 1), torch.zeros_like(row_bound))
     if case.reduction == "none":
         assert_close("loss rows", loss.reshape(n), ref.reshape(n), row_bound, case)

@@ -59,3 +59,12 @@ def test_triton_softcap_far_above_the_logits():
                                              ignore_index=0, ignored_rate=1.0, pad_rate=1.0, include_target=True,
                                              reduction="none", softcap=1e4, z_loss=0.01, ntp_weight=0.0,
                                              concept_weight=2.5))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_masked_concept_id_under_a_large_softcap(impl):
+    """A masked id (-inf bias) under softcap = 1e4 is the finite logit -1e4, so the concept term is about
+    1e4 while every product h . w is tiny: float32 rounds it at 1e4's scale. (The bound was too tight: it
+    looked at |h| |w| and the row's lse only.)"""
+    check_case(impl, dataclasses.replace(PLAIN, seed=0, lead=(1,), v=2, d=1, k=1, bias="contiguous", masked_ids=1,
+                                         logit_scale=1e-3, softcap=1e4))
