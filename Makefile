@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench fuzz stress
 $(BIN)/.installed: requirements.txt setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
@@ -21,3 +21,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run --device cpu --quick --out benchmarks/results/cpu-latest
+
+# property-based tests with many fresh random examples (CI runs a bounded, derandomized budget)
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# start and stop 2-rank CPU training 20 times; every run must exit cleanly (~1 min per run on 2 cores)
+stress: setup
+	$(BIN)/python tests/stress_shutdown.py --runs 20

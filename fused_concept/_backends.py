@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._inputs import Canonical
-from ._rowmath import Needs, RowGrad, ShardGrads, ShardStats, empty_shard_stats
+from ._rowmath import Needs, RowGrad, ShardGrads, ShardStats, empty_shard_stats, nonfinite_rows, poison_stats
 
 IMPLS = ("auto", "reference", "torch", "triton")
 
@@ -41,8 +41,11 @@ class Backend:
 
     def partial_stats(self, canon: Canonical) -> ShardStats:
         if canon.weight.shape[0] == 0:
-            return empty_shard_stats(canon.num_rows, canon.hidden.device)
-        return self._partial_stats(canon)
+            stats = empty_shard_stats(canon.num_rows, canon.hidden.device)
+        else:
+            stats = self._partial_stats(canon)
+        # the non-finite policy (docs/math.md), applied per shard so that merging spreads it to every rank
+        return poison_stats(stats, nonfinite_rows(canon))
 
     def shard_grads(self, canon: Canonical, grad: RowGrad, needs: Needs, options: dict) -> ShardGrads:
         if canon.weight.shape[0] == 0:  # a shard with no rows adds nothing
@@ -53,7 +56,12 @@ class Backend:
         return self._shard_grads(canon, grad, needs, **options)
 
     def stats_and_grads(self, canon: Canonical, *, row_scale: Tensor, needs: Needs):
-        return self._stats_and_grads(canon, row_scale=row_scale, needs=needs)
+        # the non-finite policy: a NaN scale gives the hit rows a NaN logit gradient, as the recomputing
+        # backward gets from their NaN lse (a saturated softcap would otherwise keep it finite)
+        bad = nonfinite_rows(canon)
+        row_scale = torch.where(bad, torch.full_like(row_scale, float("nan")), row_scale)
+        stats, grads = self._stats_and_grads(canon, row_scale=row_scale, needs=needs)
+        return poison_stats(stats, bad), grads
 
 
 

@@ -6,6 +6,7 @@ here, and kernels only ever see a deduplicated id matrix with -1 pads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
@@ -63,6 +64,10 @@ class Canonical:
         return replace(self, weight=weight, bias=bias)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_float_tensor(name: str, t, allow_none: bool = False) -> None:
     if t is None and allow_none:
         return
@@ -74,15 +79,15 @@ def _check_float_tensor(name: str, t, allow_none: bool = False) -> None:
 
 def _check_int_tensor(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of integer token ids, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+        raise TypeError(f"{name} must hold integer token ids, got a tensor of dtype {t.dtype}")
 
 
 def _row_weight(name: str, w: RowWeight, lead_shape: torch.Size, n: int, device) -> Tensor:
     if isinstance(w, Tensor):
         if w.is_complex() or w.dtype == torch.bool:
-            raise TypeError(f"{name} must be a float or a real tensor, got dtype {w.dtype}")
+            raise TypeError(f"{name} must be a float or a real tensor, got a tensor of dtype {w.dtype}")
         if w.dim() == 0:
             return w.detach().float().to(device).expand(n).contiguous()
         if w.shape != lead_shape and w.shape != (n,):
@@ -91,10 +96,10 @@ def _row_weight(name: str, w: RowWeight, lead_shape: torch.Size, n: int, device)
                 f"got shape {tuple(w.shape)}"
             )
         if w.device != device:
-            raise ValueError(f"{name} is on {w.device} but hidden is on {device}")
+            raise ValueError(f"{name} must be on hidden's device {device}, got a tensor on {w.device}")
         return w.detach().reshape(n).float()
     if isinstance(w, bool) or not isinstance(w, (int, float)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(w).__name__}")
+        raise TypeError(f"{name} must be a float or a tensor, got {type(w).__name__} {w!r}")
     return torch.full((n,), float(w), dtype=torch.float32, device=device)
 
 
@@ -167,20 +172,20 @@ def prepare(
     _check_float_tensor("weight", weight)
     _check_float_tensor("bias", bias, allow_none=True)
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        raise TypeError(f"weight must have the same dtype as hidden ({hidden.dtype}), got {weight.dtype}")
     if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias ({bias.dtype}) must have the dtype of weight ({weight.dtype})")
+        raise TypeError(f"bias must have the same dtype as weight ({weight.dtype}), got {bias.dtype}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [..., D] with at least one leading dim, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
     d = hidden.shape[-1]
     if weight.shape[1] != d:
-        raise ValueError(f"weight is [V, {weight.shape[1]}] but hidden's last dim is {d}")
+        raise ValueError(f"weight must be [V, {d}] to match hidden's last dim, got shape {tuple(weight.shape)}")
     v_local = weight.shape[0]
     vocab = v_local if vocab_size is None else int(vocab_size)
     if vocab < 1:
-        raise ValueError(f"the vocabulary must not be empty (weight has shape {tuple(weight.shape)})")
+        raise ValueError(f"weight must hold at least one vocabulary row, got shape {tuple(weight.shape)}")
     if not 0 <= vocab_start <= vocab - v_local:
         raise ValueError(f"a shard of {v_local} rows cannot start at id {vocab_start} of a vocabulary of {vocab}")
     if bias is not None and tuple(bias.shape) != (v_local,):
@@ -189,18 +194,25 @@ def prepare(
     for name, t in (("weight", weight), ("bias", bias), ("targets", targets), ("concepts", concepts),
                     ("concept_probs", concept_probs)):
         if isinstance(t, Tensor) and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+            raise ValueError(f"{name} must be on hidden's device {device}, got a tensor on {t.device}")
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise TypeError(f"margin must be None or a float, got {type(margin).__name__}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or z_loss < 0:
-        raise ValueError(f"z_loss must be a non-negative float, got {z_loss!r}")
+        raise TypeError(f"margin must be None or a float, got {type(margin).__name__} {margin!r}")
+    if margin is not None and math.isnan(margin):
+        raise ValueError(f"margin must be None or a number (no row's mass is below NaN), got {margin!r}")
+    if softcap is not None and not (_is_number(softcap) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    if not (_is_number(z_loss) and 0 <= z_loss < math.inf):
+        raise ValueError(f"z_loss must be a non-negative finite float, got {z_loss!r}")
+    if not isinstance(include_target, bool):
+        raise TypeError(f"include_target must be True or False, got {type(include_target).__name__} "
+                        f"{include_target!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
 
     lead_shape = hidden.shape[:-1]
     n = 1
@@ -216,7 +228,7 @@ def prepare(
 
     if concepts is None:
         if concept_probs is not None:
-            raise ValueError("concept_probs was given without concepts")
+            raise ValueError("concept_probs weights the ids in concepts, so it needs concepts, got concepts=None")
         flat_concepts = torch.full((n, 0), PAD, dtype=torch.long, device=device)
     else:
         _check_int_tensor("concepts", concepts)
@@ -240,7 +252,9 @@ def prepare(
     soft_ids = soft_weights = None
     if mode == "soft":
         if concepts is None or concept_probs is None:
-            raise ValueError('mode="soft" needs both concepts and concept_probs')
+            missing = " and ".join(f"{name}=None" for name, t in (("concepts", concepts),
+                                                                   ("concept_probs", concept_probs)) if t is None)
+            raise ValueError(f'mode="soft" needs both concepts and concept_probs, got {missing}')
         _check_float_tensor("concept_probs", concept_probs)
         if concept_probs.shape != concepts.shape:
             raise ValueError(
@@ -248,11 +262,10 @@ def prepare(
                 f"got {tuple(concept_probs.shape)}"
             )
         soft_ids = members[:, : flat_concepts.shape[1]].contiguous()
-        soft_weights = (
-            concept_probs.detach().reshape(n, -1).float().masked_fill(soft_ids == PAD, 0.0).contiguous()
-        )
+        flat_probs = concept_probs.detach().reshape(soft_ids.shape).float()  # explicit K: N may be 0
+        soft_weights = flat_probs.masked_fill(soft_ids == PAD, 0.0).contiguous()
     elif concept_probs is not None:
-        raise ValueError('concept_probs is only used with mode="soft"')
+        raise ValueError(f'concept_probs is only used with mode="soft", got mode={mode!r}')
 
     return Canonical(
         hidden=hidden.reshape(n, d),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._inputs import Canonical
-from ._rowmath import ShardStats, row_terms
+from ._rowmath import ShardStats, nonfinite_rows, row_terms
 
 
 def reference_rows(canon: Canonical):
@@ -17,6 +17,10 @@ def reference_rows(canon: Canonical):
         z = z + canon.bias.to(acc)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    # the non-finite policy (docs/math.md): rows hit by a NaN / inf input get NaN logits, hence a NaN loss
+    # and a NaN gradient (multiplying, not replacing, so that autograd carries the NaN back)
+    poison = torch.where(nonfinite_rows(canon), float("nan"), 1.0).to(acc)
+    z = z * poison[:, None]
     best, arg = z.detach().max(dim=1)
     # written out (not torch.logsumexp) so that +inf logits give NaN, as torch's cross_entropy does
     lse = best + torch.log(torch.exp(z - best[:, None]).sum(dim=1))
@@ -30,10 +34,14 @@ def reference_rows(canon: Canonical):
     in_set = in_set[:, :v]
     # rows without a set get their full lse (finite) here; row_terms ignores them via has_set
     masked = torch.where(in_set | ~canon.has_set[:, None], z, torch.full_like(z, float("-inf")))
-    set_lse = torch.logsumexp(masked, dim=1)
+    # a set whose every id is masked (-inf logits) has set_lse = -inf and cl = +inf; its gradient takes
+    # q = 0, as the fused paths do, instead of logsumexp's 0/0 = NaN
+    dead = torch.isneginf(torch.logsumexp(masked.detach(), dim=1))
+    set_lse = torch.logsumexp(torch.where(dead[:, None], masked.detach(), masked), dim=1)
     if canon.soft:
-        w = canon.soft_weights
-        soft_dot = (z.gather(1, canon.soft_ids.clamp(min=0)) * w).sum(dim=1)
+        listed = canon.soft_ids >= 0  # pads carry weight 0 and no logit (0 * -inf would be NaN)
+        picked = z.gather(1, canon.soft_ids.clamp(min=0)) * canon.soft_weights
+        soft_dot = torch.where(listed, picked, torch.zeros_like(picked)).sum(dim=1)
     else:
         soft_dot = torch.zeros_like(lse)
     stats = ShardStats(best, arg, lse, target_logit, set_lse, soft_dot)

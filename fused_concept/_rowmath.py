@@ -107,6 +107,27 @@ def merge_stats(parts: Sequence[ShardStats]) -> ShardStats:
     )
 
 
+def nonfinite_rows(canon: "Canonical") -> Tensor:
+    """[N] bool: the rows the non-finite policy of docs/math.md makes NaN. A row is hit when its hidden
+    state holds a NaN or an infinity, or when the head does (any NaN / inf in the weight; NaN or +inf in
+    the bias: -inf bias entries are masks, not errors). Tested through sums in the accumulation dtype: a
+    NaN or inf entry always makes its sum non-finite, while finite entries overflow it only beyond 3e38,
+    where the logits overflow too. One read of hidden and of the head, no host synchronisation."""
+    acc = torch.float64 if canon.hidden.dtype == torch.float64 else torch.float32
+    bad = ~torch.isfinite(canon.hidden.sum(dim=1, dtype=acc))
+    head_bad = ~torch.isfinite(canon.weight.sum(dtype=acc))
+    if canon.bias is not None:
+        head_bad = head_bad | torch.isnan(canon.bias).any() | torch.isposinf(canon.bias).any()
+    return bad | head_bad
+
+
+def poison_stats(stats: ShardStats, bad: Tensor) -> ShardStats:
+    """`stats` with lse = NaN on the rows `bad` (see `nonfinite_rows`). Every row quantity is built on
+    lse, so ce, cl, mass and the loss of those rows come out NaN, vocabulary shards merge the NaN into
+    the global lse, and a backward that recomputes softmax = exp(z - lse) gets a NaN logit gradient."""
+    return stats._replace(lse=torch.where(bad, torch.full_like(stats.lse, float("nan")), stats.lse))
+
+
 def row_terms(stats: ShardStats, canon: "Canonical") -> RowTerms:
     """Row losses from merged statistics. Differentiable through the statistics (the reference uses
     autograd through it); the hinge is detached, as in the paper's code."""

@@ -129,7 +129,8 @@ def _chunk_dlogits(z: Tensor, part: Canonical, grad: RowGrad, probs_unnormalised
 
 def _chunks(n: int, v: int, chunk_rows: Optional[int]):
     step = _rows_per_chunk(n, v, chunk_rows)
-    return step, [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    # N = 0 still gets one (empty) chunk, so that the statistics come back as [0] tensors
+    return step, [(lo, min(n, lo + step)) for lo in range(0, max(n, 1), step)]
 
 
 def _cat_stats(parts) -> ShardStats:

@@ -37,7 +37,9 @@ def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weig
     if softcap is not None:
         z_all = softcap * torch.tanh(z_all / softcap)
     rows, lse_s, ce_s, mass_s, arg_s = [], [], [], [], []
-    zero = z_all.sum() * 0.0
+    # a 0 that keeps the graph connected (autograd.grad needs every input used), and stays 0 when a
+    # logit is -inf (a masked id): -inf * 0 would be NaN
+    zero = torch.where(torch.isfinite(z_all), z_all, torch.zeros_like(z_all)).sum() * 0.0
     for i in range(n):
         z = z_all[i]
         lse = torch.logsumexp(z, 0)
@@ -68,7 +70,7 @@ def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weig
         rows.append(loss)
         ce_s.append(float(ce.detach()))
         mass_s.append(mass)
-    stacked = torch.stack(rows)
+    stacked = torch.stack(rows) if rows else zero.reshape(1)[:0]  # N = 0: no rows
     n_valid = sum(1 for t in y if t != ignore_index)
     if reduction == "none":
         loss = stacked.reshape(lead)
@@ -77,10 +79,10 @@ def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weig
     else:
         loss = stacked.sum() / max(n_valid, 1)
     stats = {
-        "lse": torch.stack(lse_s).reshape(lead),
+        "lse": (torch.stack(lse_s) if lse_s else torch.zeros(0, dtype=torch.float64)).reshape(lead),
         "ce": torch.tensor(ce_s, dtype=torch.float64).reshape(lead),
         "mass": torch.tensor(mass_s, dtype=torch.float64).reshape(lead),
-        "argmax": torch.tensor(arg_s).reshape(lead),
+        "argmax": torch.tensor(arg_s, dtype=torch.int64).reshape(lead),
     }
     return loss, stats
 
