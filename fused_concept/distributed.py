@@ -188,7 +188,7 @@ def _merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: 
         sums.append(stats.soft_dot.float())
     total = torch.cat(sums)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    fields = iter(total.split(n))
+    fields = iter(total.view(len(sums), n).unbind(0))  # (not split(n): no field at all when n = 0)
     lse = _log_sum_shifted(shift, next(fields))
     set_lse = _log_sum_shifted(set_shift, next(fields)) if with_set else torch.full_like(lse, float("-inf"))
     target_logit = next(fields)

@@ -148,14 +148,7 @@ def test_every_id_masked(impl):
 
 
 # ----------------------------------------------------------------------------------------- degenerate
-NO_ROWS_IMPLS = [pytest.param(impl, marks=pytest.mark.xfail(
-    strict=True, raises=StopIteration,
-    reason="distributed._merge_across_ranks splits its packed sums with total.split(n), which yields no "
-           "field when n = 0 (reported to the lead; fix: total.view(len(sums), n).unbind(0))"))
-    if impl == "vocab_parallel" else impl for impl in IMPLS]
-
-
-@pytest.mark.parametrize("impl", NO_ROWS_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["marginal", "soft"])
 def test_no_rows(impl, mode):
     h = torch.randn(0, 8, requires_grad=True)
