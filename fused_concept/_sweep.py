@@ -30,19 +30,21 @@ METRICS = (
 )
 
 
-def sweep(config, lams: Sequence[float], out_dir: str) -> Dict:
-    """Train one run per lambda (see the module docstring); returns what sweep.json holds."""
+def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=None, data=None) -> Dict:
+    """Train one run per lambda (see the module docstring); returns what sweep.json holds. `model`,
+    `tokenizer` and `data` replace the loaded ones, as in `train` (tests pass tiny ones)."""
     from . import hf
     from .train import train
 
     if len(set(lams)) != len(lams):
         raise ValueError(f"--lam values must differ, got {list(lams)}")
     t_start = time.time()
-    model, tokenizer = hf.load_default_model() if config.model is None else hf.load_model(config.model)
+    if model is None:
+        model, tokenizer = hf.load_default_model() if config.model is None else hf.load_model(config.model)
     runs = {}
     for lam in lams:
         run_config = dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
-        runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer)
+        runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data)
     twin = 0.0 if 0.0 in runs else lams[0]
     summary = {
         "command": "python -m fused_concept sweep --lam " + " ".join(f"{lam:g}" for lam in lams),

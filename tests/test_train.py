@@ -225,3 +225,53 @@ def test_default_corpus_is_english_prose_and_deterministic():
 def test_too_short_corpus_names_the_sizes():
     with pytest.raises(DataError, match="fewer than the 8 training"):
         split_train_heldout(torch.zeros(5, 4, dtype=torch.long), 8, 2, source="tiny.txt")
+
+
+# ----------------------------------------------------------------------------- recipe, adapters, sweep
+
+
+def test_paper_recipe_and_departures():
+    from fused_concept.train import PAPER_SETTINGS
+    from fused_concept._recipes import departures, resolve_schedule
+
+    paper = TrainConfig.paper(num_train=24)
+    assert departures(paper) == [] and paper.lr == 7e-5 and paper.lora_dropout == 0.2 and paper.seq_len == 256
+    resolved = resolve_schedule(paper)
+    assert (resolved.steps, resolved.warmup_steps) == (8, 1)  # ceil(5 * 24 / 16), ceil(0.08 * 8)
+    default = departures(TrainConfig())
+    assert "lr=0.002 (paper 7e-05)" in default and not any(d.startswith("top_k") for d in default)
+    assert set(PAPER_SETTINGS) <= {f for f in TrainConfig.__dataclass_fields__}
+    from fused_concept.__main__ import _config
+
+    _, config = _config(build_parser(), ["train", "--recipe", "paper", "--lr", "1e-4", "--steps", "3"])
+    assert config.lr == 1e-4 and config.weight_decay == 0.05 and config.epochs == 5 and config.seq_len == 256
+
+
+def test_adapters_saved_in_peft_format(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_model()
+    train(small_config(tmp_path, lora=True, lr=5e-2, steps=2), model=model, data=tiny_data())
+    loaded = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "adapters")).eval()
+    ids = tiny_data().heldout_ids
+    with torch.no_grad():
+        want, got = model.eval()(ids).logits, loaded(ids).logits
+        plain = tiny_model()(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapters changed the model
+
+
+def test_sweep_table_plot_and_paired_intervals(tmp_path):
+    from fused_concept._sweep import sweep
+
+    config = small_config(tmp_path, steps=2, lora=False)
+    summary = sweep(config, [0.0, 0.5], str(tmp_path / "sweep"), model=tiny_model(), tokenizer=None, data=tiny_data())
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 100
+    twin, run = summary["runs"]["0"], summary["runs"]["0.5"]
+    key = "heldout.content_perplexity"
+    assert twin["diff_vs_twin"][key] == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    diff = run["diff_vs_twin"][key]
+    assert diff["diff"] == pytest.approx(run["after"][key] - twin["after"][key], rel=1e-6)
+    assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1] and diff["diff"] != 0
+    assert "| 0.5 |" in (tmp_path / "sweep" / "sweep.md").read_text()
