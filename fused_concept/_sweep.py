@@ -44,7 +44,8 @@ def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=
     runs = {}
     for lam in lams:
         run_config = dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
-        runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data)
+        before = runs[lams[0]]["before"] if runs else None  # same model, same data: evaluated once
+        runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data, before=before)
     twin = 0.0 if 0.0 in runs else lams[0]
     summary = {
         "command": "python -m fused_concept sweep --lam " + " ".join(f"{lam:g}" for lam in lams),

@@ -133,11 +133,12 @@ class TrainConfig:
 
 
 def train(config: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=None,
-          data: Optional[TokenData] = None) -> Dict:
+          data: Optional[TokenData] = None, before: Optional[Dict] = None) -> Dict:
     """Run the whole job described by `config`; returns the metrics dict also written to metrics.json.
 
     `model` / `tokenizer` / `data` replace the loaded model and the built token data (tests pass a tiny
-    random model and hand-made concepts this way).
+    random model and hand-made concepts this way); `before` replaces the evaluation before training
+    (the sweep's runs share one: same model, same data).
     """
     t_start = time.time()
     _validate(config)
@@ -145,14 +146,14 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=N
     run = _start_run(config)
     finished = False
     try:
-        result = _job(config, run, model, tokenizer, data, t_start)
+        result = _job(config, run, model, tokenizer, data, t_start, before)
         finished = True
         return result
     finally:
         _end_run(run, finished)
 
 
-def _job(config, run, model, tokenizer, data, t_start) -> Dict:
+def _job(config, run, model, tokenizer, data, t_start, before=None) -> Dict:
     """setup -> resume -> evaluate before -> loop -> evaluate after -> report."""
     torch.manual_seed(config.seed)
     accum = _accumulation_steps(config, run.world)
@@ -168,6 +169,7 @@ def _job(config, run, model, tokenizer, data, t_start) -> Dict:
     trainee = _setup_trainee(config, run, model)
     optimizer, scheduler = _setup_optimizer(config, trainee)
     state = _resume(config, trainee, optimizer, scheduler)
+    state.before = state.before or before
 
     rows = {}  # per-row held-out NLL, for paired bootstrap intervals between runs
     with _timed(seconds, "evaluate"):
