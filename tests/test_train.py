@@ -275,3 +275,42 @@ def test_sweep_table_plot_and_paired_intervals(tmp_path):
     assert diff["diff"] == pytest.approx(run["after"][key] - twin["after"][key], rel=1e-6)
     assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1] and diff["diff"] != 0
     assert "| 0.5 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_eval_command_reproduces_the_run_from_its_adapters(tmp_path):
+    """`python -m fused_concept eval --adapters RUN/adapters` on the model and data a run used gives the
+    run's own after-training metrics (same held-out rows, concept sets from the shared cache)."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "<unk>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠDogs", "Ġrun", "Ġquickly", ",",
+             "Ġand", "'s", "Ġhouse", "Ġwas", "Ġgreen", "Ġdog", "Ġkitten", "Ġbig", "Ġtree"]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<s>")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text(" ".join(["The cat sat on the mat. Dogs run quickly, and the cat's house "
+                                                  "was green. The big dog sat on the tree."] * 12))
+    config = TrainConfig(model=str(tmp_path / "model"), data=str(tmp_path / "corpus.txt"), seq_len=12, num_train=4,
+                         num_heldout=3, steps=3, batch_size=2, micro_batch_size=2, lr=5e-2, top_k=8,
+                         word_similarity=False, progress=False, plot=False, out_dir=str(tmp_path / "run"),
+                         concept_cache=str(tmp_path / "cache"))
+    trained = train(config)
+    assert trained["after"]["heldout.content_tokens"] > 0 and trained["data"]["seq_len"] == 12
+    evaluated = main(["eval", "--adapters", str(tmp_path / "run" / "adapters"), "--out", str(tmp_path / "eval"),
+                      "--model", config.model, "--data", config.data, "--seq-len", "12", "--num-train", "4",
+                      "--num-heldout", "3", "--top-k", "8", "--no-word-similarity", "--no-progress",
+                      "--concept-cache", config.concept_cache])
+    assert evaluated == 0
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    for key, value in trained["after"].items():
+        assert saved[key] == pytest.approx(value, rel=1e-5), key
+    assert saved["heldout.perplexity"] != pytest.approx(trained["before"]["heldout.perplexity"], rel=1e-3)
