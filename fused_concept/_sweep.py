@@ -46,6 +46,16 @@ def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=
         run_config = dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
         before = runs[lams[0]]["before"] if runs else None  # same model, same data: evaluated once
         runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data, before=before)
+    return summarize(config, lams, out_dir, seconds=time.time() - t_start)
+
+
+def summarize(config, lams: Sequence[float], out_dir: str, *, seconds=None) -> Dict:
+    """The table, plot and sweep.json of runs already in ``out_dir/lam-<lam>`` (what `sweep` does after
+    training them; also usable on runs trained separately with the same options)."""
+    runs = {}
+    for lam in lams:
+        with open(os.path.join(out_dir, f"lam-{lam:g}", "metrics.json")) as handle:
+            runs[lam] = json.load(handle)
     twin = 0.0 if 0.0 in runs else lams[0]
     summary = {
         "command": "python -m fused_concept sweep --lam " + " ".join(f"{lam:g}" for lam in lams),
@@ -55,7 +65,7 @@ def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=
         "twin": twin,
         "before": runs[lams[0]]["before"],
         "runs": {f"{lam:g}": _run_summary(runs[lam], out_dir, lam, twin) for lam in lams},
-        "seconds": round(time.time() - t_start, 1),
+        "seconds": None if seconds is None else round(seconds, 1),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.json"), "w") as handle:
