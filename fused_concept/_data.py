@@ -149,13 +149,22 @@ def corpus_fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def token_chunks(tokenizer, text: str, seq_len: int) -> torch.Tensor:
-    """Tokenise ``text`` and cut it into non-overlapping chunks: Long [num_chunks, seq_len]."""
+def token_chunks(tokenizer, text: str, seq_len: int, *, bos: bool = True) -> torch.Tensor:
+    """Tokenise ``text`` and cut it into non-overlapping chunks: Long [num_chunks, seq_len].
+
+    With ``bos`` and a tokenizer that has a BOS token, each chunk is that token followed by ``seq_len - 1``
+    text tokens (the paper's sequences start with BOS); otherwise ``seq_len`` text tokens.
+    """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one input and one target), got {seq_len}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    num_chunks = len(ids) // seq_len
-    return torch.tensor(ids[: num_chunks * seq_len], dtype=torch.long).view(num_chunks, seq_len)
+    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
+    width = seq_len if bos_id is None else seq_len - 1
+    num_chunks = len(ids) // width
+    chunks = torch.tensor(ids[: num_chunks * width], dtype=torch.long).view(num_chunks, width)
+    if bos_id is None:
+        return chunks
+    return torch.cat([torch.full((num_chunks, 1), bos_id, dtype=torch.long), chunks], dim=1)
 
 
 def split_train_heldout(chunks: torch.Tensor, num_train: int, num_heldout: int, *, source: str = "the corpus"):

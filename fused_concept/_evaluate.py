@@ -5,7 +5,9 @@ For every predicted position (row) i the fused loss returns ``lse_i``, ``ce_i``,
 V (target not ``ignore_index``) and content rows T (valid rows whose concept row lists at least one id):
 
 - global perplexity      ``exp( sum_{i in V} ce_i / |V| )``
-- content perplexity     ``exp( sum_{i in T} ce_i / |T| )``
+- content perplexity     ``exp( sum_{i in T} ce_i / |T| )`` (the paper's eval_ntp_content_words.py: exp of the
+                         mean gold NLL pooled over all content positions of all sequences)
+- non-content perplexity ``exp( sum_{i in V - T} ce_i / |V - T| )`` (their ``--non-target`` complement)
 - mean concept mass      ``sum_{i in T} mass_i / |T|``, mass_i = probability of the set S_i (gold included)
 - concept accuracy       ``|{i in T : argmax_i in S_i}| / |T|``
 - token accuracy         ``|{i in V : argmax_i = y_i}| / |V|``
@@ -63,12 +65,22 @@ def metrics_from_sums(sums: torch.Tensor) -> Dict[str, float]:
     return {
         "ppl": math.exp(ratio(s["ce_valid"], s["valid"])) if s["valid"] > 0 else float("nan"),
         "content_ppl": math.exp(ratio(s["ce_content"], s["content"])) if s["content"] > 0 else float("nan"),
+        "noncontent_ppl": (math.exp(ratio(s["ce_valid"] - s["ce_content"], s["valid"] - s["content"]))
+                           if s["valid"] > s["content"] else float("nan")),
         "concept_mass": ratio(s["mass_content"], s["content"]),
         "concept_acc": ratio(s["concept_hits"], s["content"]),
         "token_acc": ratio(s["token_hits"], s["valid"]),
         "valid_tokens": int(s["valid"]),
         "content_tokens": int(s["content"]),
     }
+
+
+def _append_rows(rows: Dict[str, list], stats, targets: torch.Tensor, concepts: torch.Tensor,
+                 ignore_index: int = -100) -> None:
+    valid = targets.reshape(-1) != ignore_index
+    content = (concepts.reshape(valid.shape[0], -1) != -1).any(dim=1)
+    rows.setdefault("nll", []).extend(stats.ce.reshape(-1)[valid].double().tolist())
+    rows.setdefault("content", []).extend(content[valid].tolist())
 
 
 @torch.no_grad()
@@ -84,12 +96,15 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     group=None,
+    rows: Optional[Dict[str, list]] = None,
 ) -> Dict[str, float]:
     """Evaluate a causal LM on token sequences ``ids`` [B, T] with token-aligned ``concepts`` [B, T, K].
 
     Row (b, t) predicts ``ids[b, t + 1]`` with concept set ``concepts[b, t + 1]``. Under
     ``torch.distributed`` (``world_size`` > 1) each rank evaluates every ``world_size``-th sequence
-    and the sums are all-reduced, so every rank returns the same metrics.
+    and the sums are all-reduced, so every rank returns the same metrics. When ``rows`` is a dict (one
+    process only), it receives the per-row gold NLL (``"nll"``) and content flag (``"content"``) of the
+    valid rows, in sequence order, for paired bootstrap intervals.
     """
     from fused_concept import concept_loss
     from fused_concept.hf import hidden_and_head
@@ -126,6 +141,8 @@ def evaluate(
             return_stats=True,
         )
         sums += metric_sums(stats, targets, batch_concepts[:, 1:])
+        if rows is not None:
+            _append_rows(rows, stats, targets, batch_concepts[:, 1:])
     if world_size > 1:
         import torch.distributed as dist
 

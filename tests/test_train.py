@@ -43,7 +43,8 @@ def tiny_data(seed=1, num_train=12, num_heldout=4):
 
 def small_config(tmp_path, **overrides):
     options = dict(out_dir=str(tmp_path), steps=3, batch_size=4, micro_batch_size=2, lr=3e-2, warmup_steps=1,
-                   progress=False, plot=False, lam=0.5, margin=0.6, checkpoint_every=1)
+                   progress=False, plot=False, lam=0.5, margin=0.6, checkpoint_every=1,
+                   lora_dropout=0.0)  # dropout masks depend on how a step is split; the resume test turns it on
     options.update(overrides)
     return TrainConfig(**options)
 
@@ -97,7 +98,7 @@ def test_three_steps_match_float64_explicit_logits_training(tmp_path):
     # outputs: metrics.json with both evaluations, checkpoints written atomically (no temp files left)
     with open(tmp_path / "metrics.json") as handle:
         saved = json.load(handle)
-    assert saved["before"]["valid_tokens"] == 4 * (SEQ - 1) and len(saved["history"]) == 3
+    assert saved["before"]["heldout.tokens"] == 4 * (SEQ - 1) and len(saved["history"]) == 3
     assert [os.path.basename(p) for p in sorted(glob.glob(str(tmp_path / "checkpoints" / "*")))] == [
         "step-000002.pt", "step-000003.pt"]
     assert not glob.glob(str(tmp_path / "**" / "*.tmp-*"), recursive=True)
@@ -110,12 +111,12 @@ def test_token_normalisation_independent_of_micro_batching(tmp_path):
     for one, four in zip(runs[0]["history"], runs[1]["history"]):
         for key in ("loss", "ce", "mass", "grad_norm"):
             assert one[key] == pytest.approx(four[key], rel=1e-5), key
-    assert runs[0]["after"]["ppl"] == pytest.approx(runs[1]["after"]["ppl"], rel=1e-5)
+    assert runs[0]["after"]["heldout.perplexity"] == pytest.approx(runs[1]["after"]["heldout.perplexity"], rel=1e-5)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     data = tiny_data()
-    config = small_config(tmp_path, lora=True, lr=5e-2, plot=True)
+    config = small_config(tmp_path, lora=True, lr=5e-2, plot=True, lora_dropout=0.2)  # restored RNG: same masks
     whole = train(config, model=tiny_model(), data=data)
     assert (tmp_path / "curves.png").stat().st_size > 1000
     # "interrupt" after step 2: drop the last checkpoint, then resume with a freshly loaded model
@@ -182,7 +183,7 @@ def test_cli_bad_data_path_gives_clear_error(tmp_path, capsys):
 def test_cli_options_map_to_config_fields():
     args = vars(build_parser().parse_args(["train", "--lam", "0", "--margin", "none", "--no-lora", "--steps", "5",
                                            "--data", "corpus.txt"]))
-    args.pop("command")
+    args.pop("command"), args.pop("recipe")
     config = TrainConfig(**args)
     assert (config.lam, config.margin, config.lora, config.steps, config.data) == (0.0, None, False, 5, "corpus.txt")
     assert config.top_k == TrainConfig().top_k and config.out_dir == "runs/default"
@@ -224,3 +225,92 @@ def test_default_corpus_is_english_prose_and_deterministic():
 def test_too_short_corpus_names_the_sizes():
     with pytest.raises(DataError, match="fewer than the 8 training"):
         split_train_heldout(torch.zeros(5, 4, dtype=torch.long), 8, 2, source="tiny.txt")
+
+
+# ----------------------------------------------------------------------------- recipe, adapters, sweep
+
+
+def test_paper_recipe_and_departures():
+    from fused_concept.train import PAPER_SETTINGS
+    from fused_concept._recipes import departures, resolve_schedule
+
+    paper = TrainConfig.paper(num_train=24)
+    assert departures(paper) == [] and paper.lr == 7e-5 and paper.lora_dropout == 0.2 and paper.seq_len == 256
+    resolved = resolve_schedule(paper)
+    assert (resolved.steps, resolved.warmup_steps) == (8, 1)  # ceil(5 * 24 / 16), ceil(0.08 * 8)
+    default = departures(TrainConfig())
+    assert "lr=0.002 (paper 7e-05)" in default and not any(d.startswith("top_k") for d in default)
+    assert set(PAPER_SETTINGS) <= {f for f in TrainConfig.__dataclass_fields__}
+    from fused_concept.__main__ import _config
+
+    _, config = _config(build_parser(), ["train", "--recipe", "paper", "--lr", "1e-4", "--steps", "3"])
+    assert config.lr == 1e-4 and config.weight_decay == 0.05 and config.epochs == 5 and config.seq_len == 256
+
+
+def test_adapters_saved_in_peft_format(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_model()
+    train(small_config(tmp_path, lora=True, lr=5e-2, steps=2), model=model, data=tiny_data())
+    loaded = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "adapters")).eval()
+    ids = tiny_data().heldout_ids
+    with torch.no_grad():
+        want, got = model.eval()(ids).logits, loaded(ids).logits
+        plain = tiny_model()(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapters changed the model
+
+
+def test_sweep_table_plot_and_paired_intervals(tmp_path):
+    from fused_concept._sweep import sweep
+
+    config = small_config(tmp_path, steps=2, lora=False)
+    summary = sweep(config, [0.0, 0.5], str(tmp_path / "sweep"), model=tiny_model(), tokenizer=None, data=tiny_data())
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 100
+    twin, run = summary["runs"]["0"], summary["runs"]["0.5"]
+    key = "heldout.content_perplexity"
+    assert twin["diff_vs_twin"][key] == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    diff = run["diff_vs_twin"][key]
+    assert diff["diff"] == pytest.approx(run["after"][key] - twin["after"][key], rel=1e-6)
+    assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1] and diff["diff"] != 0
+    assert "| 0.5 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_eval_command_reproduces_the_run_from_its_adapters(tmp_path):
+    """`python -m fused_concept eval --adapters RUN/adapters` on the model and data a run used gives the
+    run's own after-training metrics (same held-out rows, concept sets from the shared cache)."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "<unk>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠDogs", "Ġrun", "Ġquickly", ",",
+             "Ġand", "'s", "Ġhouse", "Ġwas", "Ġgreen", "Ġdog", "Ġkitten", "Ġbig", "Ġtree"]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<s>")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text(" ".join(["The cat sat on the mat. Dogs run quickly, and the cat's house "
+                                                  "was green. The big dog sat on the tree."] * 12))
+    config = TrainConfig(model=str(tmp_path / "model"), data=str(tmp_path / "corpus.txt"), seq_len=12, num_train=4,
+                         num_heldout=3, steps=3, batch_size=2, micro_batch_size=2, lr=5e-2, top_k=8,
+                         word_similarity=False, progress=False, plot=False, out_dir=str(tmp_path / "run"),
+                         concept_cache=str(tmp_path / "cache"))
+    trained = train(config)
+    assert trained["after"]["heldout.content_tokens"] > 0 and trained["data"]["seq_len"] == 12
+    evaluated = main(["eval", "--adapters", str(tmp_path / "run" / "adapters"), "--out", str(tmp_path / "eval"),
+                      "--model", config.model, "--data", config.data, "--seq-len", "12", "--num-train", "4",
+                      "--num-heldout", "3", "--top-k", "8", "--no-word-similarity", "--no-progress",
+                      "--concept-cache", config.concept_cache])
+    assert evaluated == 0
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    for key, value in trained["after"].items():
+        assert saved[key] == pytest.approx(value, rel=1e-5), key
+    assert saved["heldout.perplexity"] != pytest.approx(trained["before"]["heldout.perplexity"], rel=1e-3)
