@@ -249,7 +249,8 @@ def _dense_grad(b: _Backward, cfg: configs.LaunchConfig, grid, *, owner, weight:
                 chunk: int, scratch: Optional[Tensor] = None, d_hidden: Optional[Tensor] = None,
                 d_weight: Optional[Tensor] = None, d_bias: Optional[Tensor] = None, keep: Optional[Tensor] = None,
                 loc: Optional[Tensor] = None, sparse: Optional[Tensor] = None, id_base: int = 0) -> None:
-    """One launch of `_dense_grad_kernel` in owner mode `owner` (a dense_grad.OWNER_* constant) over
+    """One launch of `_dense_grad_kernel` in owner mode `owner` (a dense_grad.OWNER_* constant, passed on
+    as the plain int it holds, like every other constexpr argument) over
     `weight` / `bias` (the shard, or one vocabulary chunk of it). The outputs given are the ones written;
     keep (the tile map) only with OWNER_CHUNK and a filter; loc / sparse only with OWNER_CHUNK."""
     hidden = b.hidden
@@ -260,7 +261,7 @@ def _dense_grad(b: _Backward, cfg: configs.LaunchConfig, grid, *, owner, weight:
         D=hidden.shape[1], chunk=chunk, softcap=b.softcap, filter_eps=b.filter_eps,
         stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0),
         stride_wd=weight.stride(1), stride_b=0 if bias is None else bias.stride(0),
-        OWNER=owner, DO_DH=d_hidden is not None, DO_DW=d_weight is not None, DO_DB=d_bias is not None,
+        OWNER=int(owner), DO_DH=d_hidden is not None, DO_DW=d_weight is not None, DO_DB=d_bias is not None,
         UPCAST=configs.interpreting(), DOT_PRECISION=configs.DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
 
