@@ -204,6 +204,8 @@ class Implementation:
             return f"requires {' or '.join(self.devices)}"
         if softcap is not None and not self.softcap:
             return "takes no softcap"
+        if self.name == "torch_lce_chunked" and not hasattr(F, "linear_cross_entropy"):
+            return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
         if self.module is not None:
             try:
                 importlib.import_module(self.module)
