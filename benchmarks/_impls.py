@@ -1,18 +1,22 @@
 """The implementations the benchmarks compare, the inputs they share, and the float64 oracle.
 
-Every implementation is a function ``loss_fn(hidden, weight, targets, concepts) -> scalar loss``
-computing, with ``reduction="mean"``, ``ntp_weight = concept_weight = 1`` and no margin,
+Every implementation is a function ``loss_fn(hidden, weight, targets, concepts, softcap=None) -> scalar
+loss`` computing, with ``reduction="mean"``, ``ntp_weight = concept_weight = 1`` and no margin,
 
     loss = (1 / N_valid) * sum_{i valid} [ ce_i + cl_i * [row i lists a concept id] ]
 
 where ``ce_i = lse_i - z_{i, y_i}`` and ``cl_i = lse_i - log sum_{t in S_i} exp z_it`` with
-``S_i`` = the row's concept ids plus its gold id (contract, marginal mode). With no concepts
+``S_i`` = the row's concept ids plus its gold id (contract, marginal mode), and logits
+``z = softcap * tanh(h W^T / softcap)`` (``z = h W^T`` without softcap). With no concepts
 (``concepts is None``) it is the plain mean cross-entropy, which is what the plain-CE peers
 (PyTorch's chunked ``linear_cross_entropy``, Liger-Kernel, Apple's cut-cross-entropy) compute.
+``gemm_floor`` is no loss: it runs the three matrix products of a forward+backward (logits, dH, dW)
+in 512-row chunks, the floor the chunked torch path is measured against.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -65,15 +69,17 @@ def make_inputs(n, d, v, k, dtype=torch.float32, device="cpu", seed=0, ignored_f
 # --------------------------------------------------------------------------------------------
 # float64 oracle, transcribed from the contract's formulas
 # --------------------------------------------------------------------------------------------
-def float64_loss_and_grads(hidden, weight, targets, concepts):
+def float64_loss_and_grads(hidden, weight, targets, concepts, softcap=None):
     """(loss, d_hidden, d_weight) in float64 on the CPU, straight from the contract:
-    ``z = W h``, ``lse = logsumexp(z)``, ``ce = lse - z_y``, ``cl = lse - logsumexp(z[S])``,
+    ``z = W h`` (capped), ``lse = logsumexp(z)``, ``ce = lse - z_y``, ``cl = lse - logsumexp(z[S])``,
     mean over valid rows. Gradients by float64 autograd through these formulas."""
     h = hidden.detach().to("cpu", torch.float64).requires_grad_(True)
     w = weight.detach().to("cpu", torch.float64).requires_grad_(True)
     y = targets.cpu()
     valid = y != IGNORE_INDEX
     z = h @ w.T
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=1)
     ce = lse - z.gather(1, y.clamp_min(0)[:, None])[:, 0]
     rows = torch.where(valid, ce, torch.zeros_like(ce))
@@ -93,11 +99,13 @@ def float64_loss_and_grads(hidden, weight, targets, concepts):
 # --------------------------------------------------------------------------------------------
 # implementations
 # --------------------------------------------------------------------------------------------
-def naive_concept_loss(hidden, weight, targets, concepts):
+def naive_concept_loss(hidden, weight, targets, concepts, softcap=None):
     """The loss the way the paper's training code computes it: full float32 logits, a float32
     softmax of them, the concept mass gathered from the probabilities, ``-log(mass)`` mixed
     with the ordinary cross-entropy. Stores several [N, V] float32 tensors for backward."""
     logits = (hidden @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
     valid = targets != IGNORE_INDEX
     num_valid = valid.sum().clamp_min(1)
@@ -112,35 +120,69 @@ def naive_concept_loss(hidden, weight, targets, concepts):
     return (ce.sum() + cl.sum()) / num_valid
 
 
-def _package_loss(impl):
-    def loss_fn(hidden, weight, targets, concepts):
+def _package_loss(impl, kernel_options=None):
+    def loss_fn(hidden, weight, targets, concepts, softcap=None):
         import fused_concept
 
-        return fused_concept.concept_loss(hidden, weight, targets, concepts, impl=impl)
+        return fused_concept.concept_loss(hidden, weight, targets, concepts, impl=impl, softcap=softcap,
+                                          kernel_options=kernel_options)
 
     loss_fn.__name__ = f"concept_loss_{impl}"
     return loss_fn
 
 
-def _torch_chunked_lce(hidden, weight, targets, concepts):
-    assert concepts is None
+def _torch_chunked_lce(hidden, weight, targets, concepts, softcap=None):
+    assert concepts is None and softcap is None
     return F.linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
                                   reduction="mean", options=torch.nn.LinearCrossEntropyOptions())
 
 
-def _liger_lce(hidden, weight, targets, concepts):
+def _liger_lce(hidden, weight, targets, concepts, softcap=None):
     assert concepts is None
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(weight, hidden, targets)
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, softcap=softcap)(weight, hidden, targets)
 
 
-def _cce_lce(hidden, weight, targets, concepts):
+def _cce_lce(hidden, weight, targets, concepts, softcap=None):
     assert concepts is None
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+    return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, softcap=softcap,
                                 reduction="mean")
+
+
+FLOOR_ROWS = 512
+
+
+class _ThreeGemms(torch.autograd.Function):
+    """Forward: z_c = h_c W^T per FLOOR_ROWS-row chunk (into one reused buffer); with gradients wanted it
+    also does dH_c = z_c W and dW += z_c^T h_c there (z_c standing in for the logit gradient), so that
+    forward+backward times exactly the three products; backward hands them over."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, grad_mode):
+        n = hidden.shape[0]
+        buf = torch.empty(min(n, FLOOR_ROWS), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if grad_mode else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if grad_mode else None
+        for lo in range(0, n, FLOOR_ROWS):
+            h_c = hidden[lo:lo + FLOOR_ROWS].float()
+            z = torch.mm(h_c, weight.float().t(), out=buf[:h_c.shape[0]])
+            if grad_mode:
+                torch.mm(z, weight.float(), out=d_hidden[lo:lo + FLOOR_ROWS])
+                d_weight.addmm_(z.t(), h_c)
+        ctx.grads = (d_hidden, d_weight)
+        return buf[0, 0].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_hidden, d_weight = ctx.grads
+        return d_hidden, d_weight, None
+
+
+def _gemm_floor(hidden, weight, targets, concepts, softcap=None):
+    return _ThreeGemms.apply(hidden, weight, torch.is_grad_enabled())
 
 
 @dataclass(frozen=True)
@@ -151,17 +193,25 @@ class Implementation:
     concepts: bool          # True: computes the concept loss; False: plain cross-entropy only
     devices: tuple          # devices it can run on
     module: Optional[str] = None  # import needed (optional extras)
+    softcap: bool = True    # takes a softcap
+    loss: bool = True       # False: no loss (gemm_floor); not in the float64 accuracy checks
 
-    def unavailable_reason(self, device):
-        """None when the implementation can run on ``device``, else a short note why not."""
+    def unavailable_reason(self, device, softcap=None):
+        """None when the implementation can run on ``device`` (with ``softcap``), else a short note why not."""
+        if self.name.startswith("triton") and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            device = "cuda"  # the interpreter runs the kernels on the CPU (gpu_suite.sh --dry-run)
         if device not in self.devices:
             return f"requires {' or '.join(self.devices)}"
+        if softcap is not None and not self.softcap:
+            return "takes no softcap"
+        if self.name == "torch_lce_chunked" and not hasattr(F, "linear_cross_entropy"):
+            return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
         if self.module is not None:
             try:
                 importlib.import_module(self.module)
             except Exception as exc:  # ImportError, or a broken install
                 return f"not installed ({self.module}: {type(exc).__name__})"
-        if self.name in ("reference", "torch", "triton"):
+        if self.name in ("reference", "torch") or self.name.startswith("triton"):
             try:
                 import fused_concept  # noqa: F401
 
@@ -182,15 +232,22 @@ IMPLEMENTATIONS = {
                        "fused_concept.concept_loss(impl='torch')", True, ("cpu", "cuda")),
         Implementation("triton", _package_loss("triton"),
                        "fused_concept.concept_loss(impl='triton')", True, ("cuda",)),
+        Implementation("triton_filter_off", _package_loss("triton", {"filter_eps": 0.0}),
+                       "concept_loss(impl='triton', kernel_options={'filter_eps': 0.0}): no tile filter",
+                       True, ("cuda",)),
         Implementation("torch_lce_chunked", _torch_chunked_lce,
                        "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
-                       False, ("cpu", "cuda")),
+                       False, ("cpu", "cuda"), softcap=False),
         Implementation("liger", _liger_lce,
                        "liger_kernel LigerFusedLinearCrossEntropyLoss", False, ("cuda",),
                        module="liger_kernel.transformers"),
         Implementation("cce", _cce_lce,
                        "cut_cross_entropy.linear_cross_entropy", False, ("cuda",),
                        module="cut_cross_entropy"),
+        Implementation("gemm_floor", _gemm_floor,
+                       f"the three float32 products of forward+backward (h W^T, dz W, dz^T h) in "
+                       f"{FLOOR_ROWS}-row chunks: no loss, the floor of the chunked torch path", False,
+                       ("cpu", "cuda"), loss=False),
     ]
 }
 

@@ -15,6 +15,7 @@ memory method.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import statistics
@@ -99,9 +100,61 @@ def flops_fwd(n, d, v):
     return 2.0 * n * d * v
 
 
-def flops_fwd_bwd(n, d, v):
-    """6*N*D*V: the forward GEMM plus the dh and dW GEMMs (recomputation is not counted)."""
-    return 6.0 * n * d * v
+def flops_fwd_bwd(n, d, v, frozen=False):
+    """The useful work of forward+backward: 6*N*D*V (the logits, dH and dW products; 4*N*D*V for a
+    frozen head, which has no dW). Recomputation is not counted: TFLOP/s compares implementations."""
+    return (4.0 if frozen else 6.0) * n * d * v
+
+
+# fwd+bwd FLOPs each implementation executes, in units of N*D*V: (trainable head, frozen head, how)
+_EXECUTED = {
+    "naive": (6, 4, "logits, dH, dW products once each"),
+    "reference": (6, 4, "logits, dH, dW products once each"),
+    "torch": (6, 4, "logit gradient formed during the forward sweep (no recompute), dH, dW"),
+    "gemm_floor": (6, 6, "the three products"),
+    "liger": (6, 4, "logit gradient formed in the forward (chunked, no recompute), dH, dW"),
+}
+
+
+def flops_executed(case, tiles=None):
+    """(FLOPs of one forward+backward as executed, or None when not known; how they were counted).
+    Triton, chunked strategy: forward 2 NDV + recompute 2 NDV + the dH and dW products of the tiles it
+    multiplied out (4 NDV x kept / total, from `tiles`, a TileCount of one forward+backward)."""
+    n, d, v = case["n"], case["d"], case["v"]
+    frozen = case.get("head") == "frozen"
+    ndv = float(n) * d * v
+    if case["impl"] in _EXECUTED:
+        trainable, fixed, how = _EXECUTED[case["impl"]]
+        return (fixed if frozen else trainable) * ndv, how
+    if case["impl"].startswith("triton"):
+        if tiles is not None and tiles.kept is not None and tiles.total:
+            return ndv * (4.0 + 4.0 * tiles.kept / tiles.total), (
+                f"forward 2 + recompute 2 + products of {tiles.kept} of {tiles.total} tiles x 4 (NDV)")
+        if frozen:
+            return 6.0 * ndv, "forward 2 + recompute 2 + dH 2 (NDV); tiles the filter drops not counted: at most"
+        return None, "tile counts not available"
+    if case["impl"] == "cce":
+        return None, "forward 2 + recompute 2 + products of the tiles above its own filter (<= 8 NDV)"
+    return None, "not known"
+
+
+def matmul_peak(device, dtype, size, repeats=10):
+    """The device's matrix-product rate: median TFLOP/s of torch.mm on random [size, size] operands
+    (3 warm-ups, `repeats` timed products)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=g, device=device).to(dtype)
+    b = torch.randn(size, size, generator=g, device=device).to(dtype)
+    times = []
+    for r in range(3 + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if r >= 3:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"size": size, "dtype": str(dtype).replace("torch.", ""), "device": device, "median_s": med,
+            "tflops": 2.0 * size ** 3 / med / 1e12, "times_s": times}
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,31 +198,45 @@ def _phase(fn, hidden, weight, targets, concepts, *, backward, device, warmup, r
     return times, (max(peaks) if peaks else None), all_reset
 
 
+def _count_tiles(fn, hidden, weight, targets, concepts):
+    """TileCount of one forward+backward of a Triton implementation (None for the others)."""
+    from fused_concept._triton_path import count_tiles
+
+    with count_tiles() as counted:
+        fn(hidden, weight, targets, concepts).backward()
+    hidden.grad = None
+    weight.grad = None
+    return counted
+
+
 def measure_case(case):
-    """Time and memory of one (implementation, shape, dtype) case, in this process."""
+    """Time and memory of one (implementation, shape, dtype, head, softcap) case, in this process."""
     result = dict(case)
     impl = IMPLEMENTATIONS[case["impl"]]
     device, dtype = case["device"], DTYPES[case["dtype"]]
     n, d, v, k = case["n"], case["d"], case["v"], case["k"]
-    reason = impl.unavailable_reason(device)
+    frozen = case.get("head") == "frozen"
+    fn = functools.partial(impl.loss_fn, softcap=case.get("softcap"))
+    reason = impl.unavailable_reason(device, case.get("softcap"))
     if reason is not None:
         result.update(status="skipped", note=reason)
         return result
     try:
-        # warm-up at a tiny shape: library initialisation, thread pools, code paths
-        small = make_inputs(64, min(d, 64), min(v, 512), k, dtype, device, seed=1)
-        hs, ws = small[0].requires_grad_(True), small[1].requires_grad_(True)
-        impl.loss_fn(hs, ws, small[2], small[3]).backward()
-        with torch.no_grad():
-            impl.loss_fn(hs, ws, small[2], small[3])
-        del small, hs, ws
-        gc.collect()
-        _sync(device)
+        if case.get("prewarm", True):
+            # warm-up at a tiny shape: library initialisation, thread pools, code paths
+            small = make_inputs(64, min(d, 64), min(v, 512), k, dtype, device, seed=1)
+            hs, ws = small[0].requires_grad_(True), small[1].requires_grad_(not frozen)
+            fn(hs, ws, small[2], small[3]).backward()
+            with torch.no_grad():
+                fn(hs, ws, small[2], small[3])
+            del small, hs, ws
+            gc.collect()
+            _sync(device)
 
         hidden, weight, targets, concepts = make_inputs(n, d, v, k, dtype, device,
                                                         seed=case.get("seed", 0))
         hidden.requires_grad_(True)
-        weight.requires_grad_(True)
+        weight.requires_grad_(not frozen)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -177,25 +244,25 @@ def measure_case(case):
         else:
             release_free_heap()
             base_inputs = current_rss_bytes()
-        fwd_times, fwd_peak, fwd_reset = _phase(impl.loss_fn, hidden, weight, targets, concepts,
-                                     backward=False, device=device, warmup=case["warmup"],
-                                     repeats=case.get("fwd_repeats", case["repeats"]),
-                                     mem_base=base_inputs)
+        fwd_times, fwd_peak, fwd_reset = _phase(fn, hidden, weight, targets, concepts,
+                                                backward=False, device=device, warmup=case["warmup"],
+                                                repeats=case.get("fwd_repeats", case["repeats"]),
+                                                mem_base=base_inputs)
         # the gradients' own memory is not transient: count it in the baseline by holding
         # zero-filled tensors of their size while the baseline is read, then freeing them
         gc.collect()
+        grad_of = (hidden,) if frozen else (hidden, weight)
         if device == "cuda":
-            grad_bytes = (hidden.numel() * hidden.element_size()
-                          + weight.numel() * weight.element_size())
-            base_grads = torch.cuda.memory_allocated() + grad_bytes
+            base_grads = torch.cuda.memory_allocated() + sum(t.numel() * t.element_size() for t in grad_of)
         else:
             release_free_heap()
-            dummies = (torch.zeros_like(hidden), torch.zeros_like(weight))
+            dummies = [torch.zeros_like(t) for t in grad_of]
             base_grads = current_rss_bytes()
             del dummies
-        bwd_times, bwd_peak, bwd_reset = _phase(impl.loss_fn, hidden, weight, targets, concepts,
-                                     backward=True, device=device, warmup=case["warmup"],
-                                     repeats=case["repeats"], mem_base=base_grads)
+        bwd_times, bwd_peak, bwd_reset = _phase(fn, hidden, weight, targets, concepts,
+                                                backward=True, device=device, warmup=case["warmup"],
+                                                repeats=case["repeats"], mem_base=base_grads)
+        tiles = _count_tiles(fn, hidden, weight, targets, concepts) if case["impl"].startswith("triton") else None
     except Exception as exc:  # recorded, never dropped
         if _is_oom(exc):
             result.update(status="OOM", note=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -204,16 +271,25 @@ def measure_case(case):
                           traceback=traceback.format_exc()[-2000:])
         return result
     fwd, bwd = summarize_times(fwd_times), summarize_times(bwd_times)
+    useful = flops_fwd_bwd(n, d, v, frozen)
+    executed, how = flops_executed(case, tiles)
     result.update(
         status="ok",
         fwd=fwd,
         fwd_bwd=bwd,
         tflops_fwd=flops_fwd(n, d, v) / fwd["median_s"] / 1e12,
-        tflops_fwd_bwd=flops_fwd_bwd(n, d, v) / bwd["median_s"] / 1e12,
+        flops_fwd_bwd_useful=useful,
+        tflops_fwd_bwd=useful / bwd["median_s"] / 1e12,
+        flops_fwd_bwd_executed=executed,
+        tflops_fwd_bwd_executed=None if executed is None else executed / bwd["median_s"] / 1e12,
+        flops_executed_how=how,
+        tiles=None if tiles is None else {"total": tiles.total, "kept": tiles.kept},
         mem_fwd_peak_above_inputs_mib=None if fwd_peak is None else max(fwd_peak, 0) / MIB,
         mem_fwd_bwd_transient_mib=None if bwd_peak is None else max(bwd_peak, 0) / MIB,
         mem_fwd_bwd_peak_above_inputs_mib=(None if bwd_peak is None else
                                            max(bwd_peak + base_grads - base_inputs, 0) / MIB),
+        mem_fwd_bwd_peak_mib=(None if bwd_peak is None or device != "cuda" else
+                              (bwd_peak + base_grads) / MIB),
         mem_method=("cuda allocator peak (max_memory_allocated), reset per repeat"
                     if device == "cuda" else
                     "VmHWM of a fresh child process, " + (
@@ -241,17 +317,18 @@ def accuracy_case(case):
     result = dict(case)
     impl = IMPLEMENTATIONS[case["impl"]]
     device, dtype = case["device"], DTYPES[case["dtype"]]
-    reason = impl.unavailable_reason(device)
+    softcap = case.get("softcap")
+    reason = impl.unavailable_reason(device, softcap)
     if reason is not None:
         result.update(status="skipped", note=reason)
         return result
     hidden, weight, targets, concepts = make_inputs(case["n"], case["d"], case["v"], case["k"],
                                                     dtype, device, seed=case.get("seed", 0))
-    loss64, dh64, dw64 = float64_loss_and_grads(hidden, weight, targets, concepts)
+    loss64, dh64, dw64 = float64_loss_and_grads(hidden, weight, targets, concepts, softcap)
     try:
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
-        loss = impl.loss_fn(hidden, weight, targets, concepts)
+        loss = impl.loss_fn(hidden, weight, targets, concepts, softcap=softcap)
         loss.backward()
     except Exception as exc:
         result.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}")

@@ -1,14 +1,21 @@
 """Which cases a run measures. Shapes are (N tokens, D hidden, V vocabulary).
 
 Headline shapes (from the issue): CPU SmolLM2-135M (2048, 576, 49152); GPU Llama-3-8B
-(16384, 4096, 128256) and Gemma-2-2B (8192, 2304, 256000), the cut-cross-entropy paper's.
+(16384, 4096, 128256) and Gemma-2-2B (8192, 2304, 256000, logits soft-capped at 30), the
+cut-cross-entropy paper's. A case's `head` is "trainable" (gradients for hidden and weight) or
+"frozen" (hidden only, as under LoRA); `softcap` is None or the cap.
 """
 from __future__ import annotations
 
 CPU_HEADLINE = {"name": "SmolLM2-135M", "n": 2048, "d": 576, "v": 49152}
 GPU_HEADLINES = [
     {"name": "Llama-3-8B", "n": 16384, "d": 4096, "v": 128256},
-    {"name": "Gemma-2-2B", "n": 8192, "d": 2304, "v": 256000},
+    {"name": "Gemma-2-2B", "n": 8192, "d": 2304, "v": 256000, "softcap": 30.0},
+]
+# the same two cases at tiny shapes: `gpu_suite.sh --dry-run` (CPU, Triton's interpreter)
+DRY_HEADLINES = [
+    {"name": "Llama-3-8B", "n": 128, "d": 64, "v": 1024},
+    {"name": "Gemma-2-2B", "n": 128, "d": 48, "v": 2048, "softcap": 30.0},
 ]
 CONCEPT_SIZES = (0, 1, 11, 32)
 HEADLINE_K = 11
@@ -18,10 +25,11 @@ PLAIN_CE_PEERS = ("torch_lce_chunked", "liger", "cce")
 
 
 def _case(group, impl, n, d, v, k, dtype, device, warmup, repeats, label=None,
-          fwd_repeats=None):
+          fwd_repeats=None, head="trainable", softcap=None, prewarm=True):
     return {"group": group, "label": label, "impl": impl, "n": n, "d": d, "v": v, "k": k,
             "dtype": dtype, "device": device, "warmup": warmup, "repeats": repeats,
-            "fwd_repeats": repeats if fwd_repeats is None else fwd_repeats, "seed": 0}
+            "fwd_repeats": repeats if fwd_repeats is None else fwd_repeats, "seed": 0,
+            "head": head, "softcap": softcap, "prewarm": prewarm}
 
 
 def _headline_cases(shape, dtype, device, impls_k, impls_ce, warmup, repeats,
@@ -45,7 +53,7 @@ def cpu_plan(quick):
     if quick:
         w, r = 0, 3   # warm-up: one tiny-shape call per phase in the child (see _measure)
         cases = _headline_cases(h, "float32", dev, ("naive", "reference", "torch"),
-                                ("naive", "torch", "torch_lce_chunked"), w, r, fwd_repeats=1)
+                                ("naive", "torch", "torch_lce_chunked", "gemm_floor"), w, r, fwd_repeats=1)
         d = h["d"]
         for n in (256, 512):                         # N sweep at the headline V
             for impl in ("naive", "torch"):
@@ -64,7 +72,7 @@ def cpu_plan(quick):
         return cases
     w, r = 1, 5
     cases = _headline_cases(h, "float32", dev, ("naive", "reference", "torch"),
-                            ("naive", "reference", "torch", "torch_lce_chunked"), w, r)
+                            ("naive", "reference", "torch", "torch_lce_chunked", "gemm_floor"), w, r)
     d = h["d"]
     for n in (256, 512, 1024, 4096):
         for impl in ("naive", "reference", "torch"):
@@ -84,56 +92,77 @@ def cpu_plan(quick):
     return cases
 
 
-def cuda_plan(quick):
-    """CUDA cases: both GPU headline shapes in bf16 for every implementation (concept
-    implementations at K=11 and K=0, plain-CE peers at K=0), then sweeps."""
-    dev = "cuda"
-    w, r = (1, 5) if quick else (2, 10)
+def suite_cases(shapes, dtype, device, warmup, repeats, fwd_repeats, prewarm=True):
+    """The GPU suite's cases, most important first (a run cut short by its time budget keeps these):
+    at the Llama-3-8B shape, impl="triton" and impl="torch" at K=11 and K=0 with a trainable and a
+    frozen head, the plain-CE peers and the naive loss at K=0, Triton without its tile filter, the
+    naive loss at K=11; then the Gemma-2-2B shape (softcap 30)."""
+    llama, gemma = shapes
     cases = []
-    for shape in GPU_HEADLINES:
-        cases += _headline_cases(shape, "bfloat16", dev, CONCEPT_IMPLS,
-                                 ("naive", "torch", "triton") + PLAIN_CE_PEERS, w, r)
+
+    def add(shape, impl, k, head="trainable"):
+        cases.append(_case("headline", impl, shape["n"], shape["d"], shape["v"], k, dtype, device, warmup,
+                           repeats, shape["name"], fwd_repeats, head=head, softcap=shape.get("softcap"),
+                           prewarm=prewarm))
+
+    for head in ("trainable", "frozen"):
+        for k in (HEADLINE_K, 0):
+            for impl in ("triton", "torch"):
+                add(llama, impl, k, head)
+    for impl in ("liger", "cce", "naive", "triton_filter_off", "torch_lce_chunked"):
+        add(llama, impl, 0)
+    add(llama, "naive", HEADLINE_K)
+    for impl, k in (("triton", HEADLINE_K), ("torch", HEADLINE_K), ("triton", 0), ("torch", 0), ("liger", 0),
+                    ("cce", 0), ("naive", 0)):
+        add(gemma, impl, k)
+    return cases
+
+
+def cuda_plan(quick):
+    """CUDA cases: the suite (`suite_cases`, bf16: what `benchmarks/gpu_suite.sh` runs, with --quick),
+    then, without --quick, sweeps of N and V at the Llama-3-8B width."""
+    dev = "cuda"
+    w, r, fr = (1, 3, 2) if quick else (2, 10, 10)
+    cases = suite_cases(GPU_HEADLINES, "bfloat16", dev, w, r, fr)
+    if quick:
+        return cases
     llama = GPU_HEADLINES[0]
     d = llama["d"]
     impls = ("naive", "triton", "torch_lce_chunked", "liger", "cce")
-    for n in ((2048, 4096, 8192) if quick else (1024, 2048, 4096, 8192, 32768)):
+    for n in (1024, 2048, 4096, 8192, 32768):
         for impl in impls:
             k = HEADLINE_K if impl in CONCEPT_IMPLS else 0
             cases.append(_case("sweep_n", impl, n, d, llama["v"], k, "bfloat16", dev, w, r))
-    for v in ((32000, 64000, 256000) if quick else (32000, 64000, 200064, 256000)):
+    for v in (32000, 64000, 200064, 256000):
         for impl in impls:
             k = HEADLINE_K if impl in CONCEPT_IMPLS else 0
             cases.append(_case("sweep_v", impl, 8192, d, v, k, "bfloat16", dev, w, r))
     for k in (1, 32):
         cases.append(_case("sweep_k", "triton", 8192, d, llama["v"], k, "bfloat16", dev, w, r))
     for impl in ("naive", "torch", "triton"):
-        cases.append(_case("sweep_dtype", impl, 8192, d, llama["v"], HEADLINE_K, "float32",
-                           dev, w, r))
+        cases.append(_case("sweep_dtype", impl, 8192, d, llama["v"], HEADLINE_K, "float32", dev, w, r))
     return cases
 
 
-def smoke_plan(device):
-    """Tiny cases for the runner's own test: every code path, seconds in all."""
-    cases = []
-    for impl, k in (("naive", 11), ("torch", 11), ("torch_lce_chunked", 0), ("torch", 0),
-                    ("liger", 0)):
-        cases.append(_case("headline", impl, 128, 32, 1024, k, "float32", device, 0, 2, "smoke"))
-    cases.append(_case("sweep_n", "torch", 256, 32, 1024, 11, "float32", device, 0, 2))
-    return cases
+def dry_plan(device):
+    """The suite's cases at tiny shapes, one repeat each, no tiny-shape pre-warm-up (`gpu_suite.sh
+    --dry-run`: the plumbing on the CPU, the Triton cases in Triton's interpreter, the CPU runner's
+    child processes), and one sweep point (the plots)."""
+    return suite_cases(DRY_HEADLINES, "bfloat16", device, 0, 1, 1, prewarm=False) + [
+        _case("sweep_n", "torch", 256, 64, 1024, HEADLINE_K, "bfloat16", device, 0, 1, prewarm=False)]
 
 
-def accuracy_plan(device, smoke=False):
-    """Small-shape error checks against float64: every implementation, K in {0, 11},
-    float32 and bfloat16 (float32 only in the smoke plan)."""
-    n, d, v = (64, 32, 512) if smoke else (256, 64, 4096)
-    dtypes = ("float32",) if smoke else ("float32", "bfloat16")
-    impls = ("naive", "torch") if smoke else CONCEPT_IMPLS + PLAIN_CE_PEERS
+def accuracy_plan(device, dry=False):
+    """Small-shape error checks against float64: every implementation, K in {0, 11}, float32 and
+    bfloat16, and with softcap 30 at K=0 (the dry run: float32 and bfloat16, fewer implementations)."""
+    n, d, v = (64, 32, 512) if dry else (256, 64, 4096)
+    impls = ("naive", "torch", "triton") if dry else CONCEPT_IMPLS + PLAIN_CE_PEERS
     cases = []
-    for dtype in dtypes:
+    for dtype in ("float32", "bfloat16"):
         for impl in impls:
-            for k in (0, HEADLINE_K):
+            for k, softcap in ((0, None), (HEADLINE_K, None), (0, 30.0)):
                 if impl in PLAIN_CE_PEERS and k:
                     continue
                 cases.append({"impl": impl, "n": n, "d": d, "v": v, "k": k, "dtype": dtype,
-                              "device": device, "seed": 3})
+                              "device": device, "seed": 3, "softcap": softcap})
     return cases

@@ -112,6 +112,10 @@ def markdown_report(report):
         f"Command: `{report['command']}`; wall time {report['wall_time_s']:.0f} s.",
         "",
     ]
+    peak = report.get("matmul_peak")
+    if peak:
+        lines += [f"Matrix-product rate of this device: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} "
+                  f"{peak['size']}^3 torch.mm, median of {len(peak['times_s'])}).", ""]
     if report.get("headline_summary"):
         lines += ["## Headline comparison", "", "```"] + report["headline_summary"] + ["```", ""]
     for plot in report.get("plots") or []:
@@ -120,36 +124,40 @@ def markdown_report(report):
         "## Cases",
         "",
         "Times in ms: median [min-max] over the repeats. fwd: forward under `torch.no_grad()`; "
-        "fwd+bwd: loss and its backward into hidden and weight. TFLOP/s counts 6*N*D*V for "
-        "fwd+bwd. Memory in MiB: fwd peak above the inputs; fwd+bwd transient = peak minus "
-        "inputs and gradients.",
+        "fwd+bwd: loss and its backward into hidden (and weight, for a trainable head). TFLOP/s: "
+        "useful work (6*N*D*V, 4*N*D*V for a frozen head) / time; executed: the FLOPs the implementation "
+        "ran (recompute and skipped tiles counted as they happen; - where not known) / time. Memory in "
+        "MiB: fwd peak above the inputs; fwd+bwd transient = peak minus inputs and gradients; peak = "
+        "the allocator's absolute peak (CUDA).",
         "",
-        "| group | impl | N | D | V | K | dtype | fwd ms | fwd+bwd ms | TFLOP/s | fwd peak MiB "
-        "| fwd+bwd transient MiB | status |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| group | impl | N | D | V | K | dtype | head | softcap | fwd ms | fwd+bwd ms | TFLOP/s | executed "
+        "TFLOP/s | fwd peak MiB | fwd+bwd transient MiB | fwd+bwd peak MiB | status |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in report["cases"]:
         ok = c["status"] == "ok"
         status = "ok" if ok else f"{c['status']}: {c.get('note', '')}"
         lines.append(
             f"| {c['group']} | {c['impl']} | {c['n']} | {c['d']} | {c['v']} | {c['k']} "
-            f"| {c['dtype']} | {_ms(c.get('fwd'))} | {_ms(c.get('fwd_bwd'))} "
-            f"| {_num(c.get('tflops_fwd_bwd'), '.3f')} "
+            f"| {c['dtype']} | {c.get('head', 'trainable')} | {_num(c.get('softcap'), 'g')} "
+            f"| {_ms(c.get('fwd'))} | {_ms(c.get('fwd_bwd'))} "
+            f"| {_num(c.get('tflops_fwd_bwd'), '.3f')} | {_num(c.get('tflops_fwd_bwd_executed'), '.3f')} "
             f"| {_mib(c.get('mem_fwd_peak_above_inputs_mib'))} "
-            f"| {_mib(c.get('mem_fwd_bwd_transient_mib'))} | {status} |")
+            f"| {_mib(c.get('mem_fwd_bwd_transient_mib'))} | {_mib(c.get('mem_fwd_bwd_peak_mib'))} | {status} |")
     lines += [
         "",
         "## Error against float64 (small shape)",
         "",
         "loss: |l - l64| / |l64|; d_hidden, d_weight: max|g - g64| / max|g64|.",
         "",
-        "| impl | N | D | V | K | dtype | loss err | d_hidden err | d_weight err | status |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| impl | N | D | V | K | dtype | softcap | loss err | d_hidden err | d_weight err | status |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for a in report["accuracy"]:
         status = "ok" if a["status"] == "ok" else f"{a['status']}: {a.get('note', '')}"
         lines.append(
             f"| {a['impl']} | {a['n']} | {a['d']} | {a['v']} | {a['k']} | {a['dtype']} "
+            f"| {_num(a.get('softcap'), 'g')} "
             f"| {_num(a.get('loss_rel_err'), '.1e')} | {_num(a.get('d_hidden_err'), '.1e')} "
             f"| {_num(a.get('d_weight_err'), '.1e')} | {status} |")
     lines += ["", "## Implementations", ""]
@@ -171,7 +179,7 @@ def plot_sweeps(report, out_dir):
     import matplotlib.pyplot as plt
 
     written = []
-    cases = [c for c in report["cases"] if c["status"] == "ok"]
+    cases = [c for c in report["cases"] if c["status"] == "ok" and c.get("head", "trainable") == "trainable"]
     for axis, group in (("n", "sweep_n"), ("v", "sweep_v")):
         sweep = [c for c in cases if c["group"] == group]
         if not sweep:

@@ -1,84 +1,122 @@
 #!/usr/bin/env bash
-# GPU suite: the GPU-only tests, then the headline GPU benchmark cases; JSON, Markdown and plots
-# go into the folder given; a short table is printed last. Budget: 8 minutes on one H100/H200.
+# GPU suite: the Triton tests on the device, the device's bf16 matrix-product rate, then the suite's
+# benchmark cases (benchmarks/_plans.py suite_cases: impl="triton" / "torch" at the Llama-3-8B and
+# Gemma-2-2B heads, K=11 and K=0, trainable and frozen head, the naive loss, Liger-Kernel and
+# cut-cross-entropy), peak memory and FLOPs executed per case. Budget: 8 minutes on one H200.
 #
-#   benchmarks/gpu_suite.sh OUT_DIR
+#   benchmarks/gpu_suite.sh OUT_DIR              on the GPU machine
+#   benchmarks/gpu_suite.sh --dry-run OUT_DIR    the same plumbing on a CPU: Triton's interpreter, tiny
+#                                                shapes, one repeat; same files and JSON schema
 #
-# UNTESTED ON HARDWARE: written and checked by reading only (no GPU was available when it was
-# written). Run it once on a GPU and fix what breaks before trusting its numbers.
+# Writes into OUT_DIR (7 files, so that all of them come back from the device tool): results.json,
+# results.md, time_memory_vs_N.png / _V.png (when the plan has sweeps), suite.log (machine, installs),
+# tests.log, bench.log; prints a short table last.
 #
-# Never needs the network. Optional peers are installed only from wheels placed beside this
-# script (benchmarks/liger_kernel-*.whl, benchmarks/cut_cross_entropy-*.whl), with --no-index
-# --no-deps; without them those implementations are recorded as "not installed".
-# Environment: PYTHON (default: python3) must have CUDA torch and triton; GPU_TESTS overrides the
-# test files run (default: tests/test_triton_*.py); TEST_BUDGET_S / BENCH_BUDGET_S split the time.
+# Never needs the network. Liger-Kernel and cut-cross-entropy are installed, if their wheels are in
+# WHEELS (default: the repository's .whl/ folder, ignored by git), with pip --no-index --no-deps into a
+# temporary folder put on PYTHONPATH; without them those cases are recorded as "not installed".
+# The package itself is imported from this checkout (no pip install).
+# Environment: PYTHON (default python3) must have torch and triton (CUDA torch unless --dry-run);
+# TEST_BUDGET_S / BENCH_BUDGET_S split the time (the runner starts no case after BENCH_BUDGET_S).
 set -uo pipefail
 
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-OUT="${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}"
+OUT="${1:?usage: benchmarks/gpu_suite.sh [--dry-run] OUT_DIR}"
 PYTHON="${PYTHON:-python3}"
+WHEELS="${WHEELS:-$ROOT/.whl}"
 TEST_BUDGET_S="${TEST_BUDGET_S:-120}"
-BENCH_BUDGET_S="${BENCH_BUDGET_S:-210}"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-200}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+SCRATCH="$(mktemp -d)"
+trap 'rm -rf "$SCRATCH"' EXIT
 cd "$ROOT"
 SUITE_START=$(date +%s)
-export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-unset TRITON_INTERPRET
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+LOG="$OUT/suite.log"
+: > "$LOG"
 
-log() { echo "[gpu_suite $(( $(date +%s) - SUITE_START ))s] $*"; }
+log() { echo "[gpu_suite $(( $(date +%s) - SUITE_START ))s] $*" | tee -a "$LOG"; }
 
 # 0. the machine
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_suite: $PYTHON has no CUDA torch (torch.cuda.is_available() is False)" >&2
-    exit 2
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1
+    DEVICE=cpu
+    log "dry run: CPU, Triton's interpreter, tiny shapes"
+else
+    unset TRITON_INTERPRET
+    DEVICE=cuda
+    if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu_suite: $PYTHON has no CUDA torch (torch.cuda.is_available() is False)" >&2
+        exit 2
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$LOG" 2>&1 || true
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
-log "GPU: $(head -n 1 "$OUT/gpu.txt")"
+"$PYTHON" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'numpy', numpy.__version__)" >> "$LOG" 2>&1
 
-# 1. the package (editable, no dependencies, no network) and optional peers from local wheels
+# 1. this checkout's package on the path: fused_concept.kernels lives in kernels/ (setup.py's package_dir),
+#    so without an install a folder of links stands in for the installed layout
 if ! "$PYTHON" -c "import fused_concept.kernels" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" \
-        > "$OUT/pip.log" 2>&1 || log "pip install -e . failed (see pip.log); trying PYTHONPATH"
-    "$PYTHON" -c "import fused_concept" 2>/dev/null || export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    mkdir -p "$SCRATCH/path/fused_concept"
+    ln -s "$ROOT"/fused_concept/* "$SCRATCH/path/fused_concept/"
+    ln -s "$ROOT/kernels" "$SCRATCH/path/fused_concept/kernels"
+    export PYTHONPATH="$SCRATCH/path:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    log "fused_concept from $ROOT (linked)"
 fi
 shopt -s nullglob
-for wheel in "$HERE"/liger_kernel-*.whl "$HERE"/cut_cross_entropy-*.whl; do
-    log "installing $(basename "$wheel")"
-    "$PYTHON" -m pip install -q --no-index --no-deps "$wheel" >> "$OUT/pip.log" 2>&1 \
-        || log "could not install $(basename "$wheel") (see pip.log); it will be recorded as not installed"
-done
+wheels=("$WHEELS"/liger_kernel-*.whl "$WHEELS"/cut_cross_entropy-*.whl)
 shopt -u nullglob
-
-# 2. GPU-only tests (the Triton kernels on the real device)
-read -r -a TESTS <<< "${GPU_TESTS:-$(ls tests/test_triton_*.py 2>/dev/null | tr '\n' ' ')}"
-TEST_STATUS="not run"
-if [ "${#TESTS[@]}" -gt 0 ]; then
-    log "tests: ${TESTS[*]} (limit ${TEST_BUDGET_S}s)"
-    timeout --signal=TERM --kill-after=10 "$TEST_BUDGET_S" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/tests.log" 2>&1
-    rc=$?
-    case $rc in
-        0) TEST_STATUS="passed" ;;
-        124|137) TEST_STATUS="TIMED OUT after ${TEST_BUDGET_S}s" ;;
-        *) TEST_STATUS="FAILED (pytest exit $rc)" ;;
-    esac
-    log "tests: $TEST_STATUS; $(tail -n 1 "$OUT/tests.log")"
+if [ "${#wheels[@]}" -gt 0 ]; then
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" \
+            "${wheels[@]}" >> "$LOG" 2>&1; then
+        export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
+        log "installed: $(cd "$WHEELS" && ls liger_kernel-*.whl cut_cross_entropy-*.whl 2>/dev/null | tr '\n' ' ')"
+    else
+        log "could not install the wheels in $WHEELS (see suite.log); those cases are recorded as not installed"
+    fi
+else
+    log "no liger-kernel / cut-cross-entropy wheels in $WHEELS: those cases are recorded as not installed"
 fi
 
-# 3. headline GPU cases first, then sweeps, until the budget is spent; the runner rewrites
-#    results.json after every case, so a run cut short still leaves its measurements
-log "benchmarks (no new case after ${BENCH_BUDGET_S}s)"
-timeout --signal=TERM --kill-after=10 $(( BENCH_BUDGET_S + 90 )) \
-    "$PYTHON" -m benchmarks.run --device cuda --quick --out "$OUT" --time-budget "$BENCH_BUDGET_S" \
-    > "$OUT/bench.log" 2>&1
+# 2. the Triton kernels against their float64 oracles, on the device (dry run: one case, interpreter)
+if [ "$DRY" = 1 ]; then
+    TESTS=(tests/test_triton_interpret.py -k "small-fp32-marginal")
+elif "$PYTHON" -c "import xdist" 2>/dev/null; then
+    TESTS=(tests/test_triton_interpret.py -n 8)  # compiles dominate: 8 processes share the cache
+else
+    TESTS=(tests/test_triton_interpret.py)
+fi
+log "tests: ${TESTS[*]} (limit ${TEST_BUDGET_S}s)"
+timeout --signal=TERM --kill-after=10 "$TEST_BUDGET_S" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$OUT/tests.log" 2>&1
+rc=$?
+case $rc in
+    0) TEST_STATUS="passed" ;;
+    124|137) TEST_STATUS="TIMED OUT after ${TEST_BUDGET_S}s" ;;
+    *) TEST_STATUS="FAILED (pytest exit $rc)" ;;
+esac
+log "tests: $TEST_STATUS; $(tail -n 1 "$OUT/tests.log")"
+
+# 3. the benchmark cases, most important first; the runner rewrites results.json after every case, so a
+#    run cut short still leaves its measurements
+if [ "$DRY" = 1 ]; then
+    RUN=(--device cpu --plan dry)
+else
+    RUN=(--device cuda --quick)
+fi
+log "benchmarks: ${RUN[*]} (no new case after ${BENCH_BUDGET_S}s)"
+timeout --signal=TERM --kill-after=10 $(( BENCH_BUDGET_S + 100 )) \
+    "$PYTHON" -m benchmarks.run "${RUN[@]}" --out "$OUT" --time-budget "$BENCH_BUDGET_S" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
-log "benchmarks exit $BENCH_RC (log: $OUT/bench.log)"
+log "benchmarks exit $BENCH_RC (log: bench.log)"
 
 # 4. short table last
 echo
-echo "== GPU suite summary ($(( $(date +%s) - SUITE_START ))s) =="
+echo "== GPU suite summary$([ "$DRY" = 1 ] && echo ' (DRY RUN: CPU, interpreter, tiny shapes)') ($(( $(date +%s) - SUITE_START ))s) =="
 echo "tests: $TEST_STATUS"
 if [ -f "$OUT/results.json" ]; then
     "$PYTHON" -m benchmarks.summary "$OUT/results.json"

@@ -20,14 +20,14 @@ import torch
 
 from benchmarks import _plans
 from benchmarks._impls import IMPLEMENTATIONS
-from benchmarks._measure import accuracy_case, measure_case, run_case_in_child
+from benchmarks._measure import accuracy_case, matmul_peak, measure_case, run_case_in_child
 from benchmarks._report import (SCHEMA, machine_info, markdown_report, now_utc, plot_sweeps,
                                 versions)
 
 
-def _find(cases, impl, k, group="headline", label=None):
+def _find(cases, impl, k, head="trainable", group="headline", label=None):
     for c in cases:
-        if (c["group"] == group and c["impl"] == impl and c["k"] == k
+        if (c["group"] == group and c["impl"] == impl and c["k"] == k and c.get("head", "trainable") == head
                 and (label is None or c.get("label") == label) and c["status"] == "ok"):
             return c
     return None
@@ -47,57 +47,75 @@ def _ratio_line(text, num, den, field, limit, unit_key):
     return f"{text}: {ratio:.3f}x{bound}{verdict}", ratio
 
 
+def _checks(fast, k):
+    """(text, numerator, denominator, field, limit, unit key) of the headline ratios; numerator and
+    denominator as (impl, K, head)."""
+    t, f = "trainable", "frozen"
+    checks = [
+        (f"K={k}: {fast} / reference time", (fast, k, t), ("reference", k, t), "fwd_bwd", 1.1, "median_s"),
+        (f"K={k}: {fast} / reference transient memory", (fast, k, t), ("reference", k, t),
+         "mem_fwd_bwd_transient_mib", 1 / 8, None),
+        (f"K={k}: {fast} / naive time", (fast, k, t), ("naive", k, t), "fwd_bwd", None, "median_s"),
+        (f"K={k}: {fast} / naive transient memory", (fast, k, t), ("naive", k, t), "mem_fwd_bwd_transient_mib",
+         1 / 8, None),
+        (f"K=0: {fast} / torch_lce_chunked time", (fast, 0, t), ("torch_lce_chunked", 0, t), "fwd_bwd", 1.0,
+         "median_s"),
+        (f"K=0: {fast} / torch_lce_chunked transient memory", (fast, 0, t), ("torch_lce_chunked", 0, t),
+         "mem_fwd_bwd_transient_mib", 1.0, None),
+        (f"K=0: {fast} / naive time", (fast, 0, t), ("naive", 0, t), "fwd_bwd", None, "median_s"),
+        # the floor: the same three products in 512-row chunks, measured in this run
+        (f"K=0: {fast} / gemm_floor time", (fast, 0, t), ("gemm_floor", 0, t), "fwd_bwd", 1.1, "median_s"),
+        (f"K={k}: {fast} / gemm_floor time", (fast, k, t), ("gemm_floor", 0, t), "fwd_bwd", 1.1, "median_s"),
+        (f"K={k}: triton / torch time", ("triton", k, t), ("torch", k, t), "fwd_bwd", None, "median_s"),
+        ("K=0: triton / torch time", ("triton", 0, t), ("torch", 0, t), "fwd_bwd", None, "median_s"),
+        (f"K={k}, frozen head: triton / torch time", ("triton", k, f), ("torch", k, f), "fwd_bwd", None,
+         "median_s"),
+        ("K=0: triton / triton_filter_off time", ("triton", 0, t), ("triton_filter_off", 0, t), "fwd_bwd", None,
+         "median_s"),
+    ]
+    for peer in ("liger", "cce"):
+        checks.append((f"K=0: {fast} / {peer} time", (fast, 0, t), (peer, 0, t), "fwd_bwd", None, "median_s"))
+        checks.append((f"K=0: {fast} / {peer} transient memory", (fast, 0, t), (peer, 0, t),
+                       "mem_fwd_bwd_transient_mib", None, None))
+    return checks
+
+
 def headline_summary(cases):
-    """The acceptance ratios at each headline shape (forward+backward medians)."""
+    """The acceptance ratios at each headline shape (forward+backward medians); a ratio between
+    implementations not both in the plan is left out, one whose case is missing or failed reads n/a."""
     lines, ratios = [], {}
     labels = []
     for c in cases:
         if c["group"] == "headline" and c.get("label") not in labels:
             labels.append(c.get("label"))
     for label in labels:
-        any_case = next(c for c in cases if c["group"] == "headline" and c.get("label") == label)
-        k = _plans.HEADLINE_K
+        mine = [c for c in cases if c["group"] == "headline" and c.get("label") == label]
+        any_case = mine[0]
+        planned = {c["impl"] for c in mine}
+        cap = "" if any_case.get("softcap") is None else f", softcap {any_case['softcap']:g}"
         lines.append(f"{label} (N={any_case['n']}, D={any_case['d']}, V={any_case['v']}, "
-                     f"{any_case['dtype']}, {any_case['device']}), forward+backward, median of "
+                     f"{any_case['dtype']}{cap}, {any_case['device']}), forward+backward, median of "
                      f"{any_case['repeats']}:")
-        fast = "triton" if any_case["device"] == "cuda" else "torch"
-        pick = lambda impl, kk: _find(cases, impl, kk, label=label)  # noqa: E731
-        checks = [
-            (f"  K={k}: {fast} / reference time", pick(fast, k), pick("reference", k),
-             "fwd_bwd", 1.1, "median_s"),
-            (f"  K={k}: {fast} / reference transient memory", pick(fast, k),
-             pick("reference", k), "mem_fwd_bwd_transient_mib", 1 / 8, None),
-            (f"  K={k}: {fast} / naive time", pick(fast, k), pick("naive", k),
-             "fwd_bwd", None, "median_s"),
-            (f"  K={k}: {fast} / naive transient memory", pick(fast, k), pick("naive", k),
-             "mem_fwd_bwd_transient_mib", 1 / 8, None),
-            (f"  K=0: {fast} / torch_lce_chunked time", pick(fast, 0),
-             pick("torch_lce_chunked", 0), "fwd_bwd", 1.0, "median_s"),
-            (f"  K=0: {fast} / torch_lce_chunked transient memory", pick(fast, 0),
-             pick("torch_lce_chunked", 0), "mem_fwd_bwd_transient_mib", 1.0, None),
-            (f"  K=0: {fast} / naive time", pick(fast, 0), pick("naive", 0),
-             "fwd_bwd", None, "median_s"),
-        ]
-        for peer in ("liger", "cce"):
-            if pick(peer, 0) is not None:
-                checks.append((f"  K=0: {fast} / {peer} time", pick(fast, 0), pick(peer, 0),
-                               "fwd_bwd", None, "median_s"))
-                checks.append((f"  K=0: {fast} / {peer} transient memory", pick(fast, 0),
-                               pick(peer, 0), "mem_fwd_bwd_transient_mib", None, None))
-        for text, num, den, field, limit, key in checks:
-            line, ratio = _ratio_line(text, num, den, field, limit, key)
+        fast = "triton" if "triton" in planned else "torch"
+        for text, num, den, field, limit, key in _checks(fast, _plans.HEADLINE_K):
+            if num[0] not in planned or den[0] not in planned:
+                continue
+            line, ratio = _ratio_line("  " + text, _find(cases, *num, label=label), _find(cases, *den, label=label),
+                                      field, limit, key)
             lines.append(line)
-            ratios[f"{label}: {text.strip()}"] = ratio
-        for impl in (fast, "reference", "naive", "torch_lce_chunked"):
-            for kk in (k, 0):
-                c = pick(impl, kk)
-                if c is not None:
-                    lines.append(
-                        f"    {impl:<18} K={kk:<2} fwd+bwd {c['fwd_bwd']['median_s'] * 1e3:9.1f} ms"
-                        f" [{c['fwd_bwd']['min_s'] * 1e3:.1f}-{c['fwd_bwd']['max_s'] * 1e3:.1f}]"
-                        f"  transient {_fmt_mib(c['mem_fwd_bwd_transient_mib'])}"
-                        f"  {c['tflops_fwd_bwd']:.3f} TFLOP/s")
+            ratios[f"{label}: {text}"] = ratio
+        lines += [_case_line(c) for c in mine if c["status"] == "ok"]
     return lines, ratios
+
+
+def _case_line(c):
+    head = "" if c.get("head", "trainable") == "trainable" else " frozen"
+    executed = c.get("tflops_fwd_bwd_executed")
+    return (f"    {c['impl']:<18} K={c['k']:<2}{head:<7} fwd+bwd {c['fwd_bwd']['median_s'] * 1e3:9.1f} ms"
+            f" [{c['fwd_bwd']['min_s'] * 1e3:.1f}-{c['fwd_bwd']['max_s'] * 1e3:.1f}]"
+            f"  transient {_fmt_mib(c['mem_fwd_bwd_transient_mib'])}"
+            f"  {c['tflops_fwd_bwd']:.3f} TFLOP/s useful"
+            + ("" if executed is None else f", {executed:.3f} executed"))
 
 
 def _write_json(path, report):
@@ -111,14 +129,23 @@ def _fmt_mib(x):
     return "   n/a" if x is None else f"{x:8.1f} MiB"
 
 
+def _matmul_peak(args):
+    """The device's matrix-product rate in this run (bf16 8192^3 on CUDA; a small float32 product on
+    the CPU, as a plumbing check for the dry run)."""
+    if args.device == "cuda":
+        return matmul_peak("cuda", torch.bfloat16, 8192)
+    return matmul_peak("cpu", torch.float32, 256 if args.plan == "dry" else 2048, repeats=3)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), required=True)
     p.add_argument("--quick", action="store_true",
                    help="fewer points and repeats (CPU: under 5 minutes on 2 cores)")
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--plan", choices=("default", "smoke"), default="default",
-                   help="'smoke': tiny shapes, for the runner's own test")
+    p.add_argument("--plan", choices=("default", "dry"), default="default",
+                   help="'dry': the GPU suite's cases at tiny shapes (gpu_suite.sh --dry-run: CPU, the "
+                        "Triton cases in Triton's interpreter)")
     p.add_argument("--only", default=None,
                    help="comma-separated groups to run (headline,sweep_n,sweep_v,sweep_k,"
                         "sweep_dtype); default all")
@@ -141,8 +168,8 @@ def main(argv=None):
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    if args.plan == "smoke":
-        cases, checks = _plans.smoke_plan(args.device), _plans.accuracy_plan(args.device, True)
+    if args.plan == "dry":
+        cases, checks = _plans.dry_plan(args.device), _plans.accuracy_plan(args.device, dry=True)
     else:
         plan = _plans.cpu_plan if args.device == "cpu" else _plans.cuda_plan
         cases, checks = plan(args.quick), _plans.accuracy_plan(args.device)
@@ -166,7 +193,10 @@ def main(argv=None):
         "versions": versions(),
         "settings": {"quick": args.quick, "plan": args.plan, "device": args.device,
                      "cpu_memory": "fresh forkserver child per case; VmHWM reset per repeat",
-                     "flops_fwd_bwd": "6*N*D*V", "flops_fwd": "2*N*D*V"},
+                     "flops_fwd_bwd": "useful: 6*N*D*V (4*N*D*V for a frozen head); executed: per "
+                                      "implementation, see each case's flops_executed_how",
+                     "flops_fwd": "2*N*D*V"},
+        "matmul_peak": _matmul_peak(args),
         "implementations": {},
         "cases": [],
         "accuracy": [],
@@ -184,9 +214,9 @@ def main(argv=None):
         if args.time_budget is not None and t0 - started > args.time_budget:
             result = dict(case, status="skipped",
                           note=f"time budget of {args.time_budget:.0f} s spent")
-        elif IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device) is not None:
+        elif IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device, case.get("softcap")) is not None:
             result = dict(case, status="skipped",
-                          note=IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device))
+                          note=IMPLEMENTATIONS[case["impl"]].unavailable_reason(args.device, case.get("softcap")))
         elif args.device == "cpu":
             result = run_case_in_child(case, args.case_timeout)
         else:
@@ -201,7 +231,8 @@ def main(argv=None):
         else:
             extra = result.get("note", "")
         print(f"[bench {i + 1}/{len(cases)}] {case['group']} {case['impl']} N={case['n']} "
-              f"D={case['d']} V={case['v']} K={case['k']} {case['dtype']}: {result['status']} "
+              f"D={case['d']} V={case['v']} K={case['k']} {case['dtype']} {case.get('head', 'trainable')}"
+              f"{'' if case.get('softcap') is None else ' softcap ' + str(case['softcap'])}: {result['status']} "
               f"{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
         _write_json(json_path, dict(report, partial=True, wall_time_s=time.perf_counter() - started))
 

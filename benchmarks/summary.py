@@ -1,7 +1,8 @@
 """Print a short table of a runner's results: ``python -m benchmarks.summary DIR/results.json``.
 
-One line per headline case (forward+backward median, TFLOP/s counting 6*N*D*V, transient
-memory), then the headline ratios; the float64 error checks that failed, if any."""
+One line per headline case (forward+backward median, TFLOP/s of the useful 6*N*D*V (4*N*D*V frozen)
+and of the FLOPs executed, transient and peak memory), then the headline ratios; the float64 error
+checks that failed, if any."""
 from __future__ import annotations
 
 import json
@@ -9,22 +10,27 @@ import sys
 
 
 def short_table(report):
+    peak = report.get("matmul_peak")
     lines = [f"{report['date']}  {report['machine'].get('gpu') or report['machine']['cpu_model']}"
-             f"  torch {report['versions']['torch']}"
+             f"  torch {report['versions']['torch']}  triton {report['versions']['triton']}"
+             + ("" if not peak else f"  matmul {peak['tflops']:.1f} TFLOP/s ({peak['dtype']})")
              + ("  (PARTIAL: run did not finish)" if report.get("partial") else ""),
-             f"{'shape':<14}{'impl':<19}{'K':>3}{'dtype':>10}{'fwd+bwd ms':>12}{'TFLOP/s':>9}"
-             f"{'transient MiB':>15}  status"]
+             f"{'shape':<12}{'impl':<19}{'K':>3} {'head':<9}{'fwd+bwd ms':>11}{'TFLOP/s':>9}{'executed':>9}"
+             f"{'transient':>10}{'peak MiB':>10}  status"]
     for c in report["cases"]:
         if c["group"] != "headline":
             continue
+        head = c.get("head", "trainable")
         if c["status"] == "ok":
-            mem = c.get("mem_fwd_bwd_transient_mib")
-            lines.append(f"{str(c.get('label')):<14}{c['impl']:<19}{c['k']:>3}{c['dtype']:>10}"
-                         f"{c['fwd_bwd']['median_s'] * 1e3:>12.1f}{c['tflops_fwd_bwd']:>9.2f}"
-                         f"{'n/a' if mem is None else format(mem, '.0f'):>15}  ok")
+            fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
+            lines.append(f"{str(c.get('label')):<12}{c['impl']:<19}{c['k']:>3} {head:<9}"
+                         f"{c['fwd_bwd']['median_s'] * 1e3:>11.1f}{c['tflops_fwd_bwd']:>9.2f}"
+                         f"{fmt(c.get('tflops_fwd_bwd_executed'), '.2f'):>9}"
+                         f"{fmt(c.get('mem_fwd_bwd_transient_mib'), '.0f'):>10}"
+                         f"{fmt(c.get('mem_fwd_bwd_peak_mib'), '.0f'):>10}  ok")
         else:
-            lines.append(f"{str(c.get('label')):<14}{c['impl']:<19}{c['k']:>3}{c['dtype']:>10}"
-                         f"{'-':>12}{'-':>9}{'-':>15}  {c['status']}: {c.get('note', '')[:60]}")
+            lines.append(f"{str(c.get('label')):<12}{c['impl']:<19}{c['k']:>3} {head:<9}{'-':>11}{'-':>9}"
+                         f"{'-':>9}{'-':>10}{'-':>10}  {c['status']}: {c.get('note', '')[:60]}")
     lines += report.get("headline_summary") or []
     bad = [a for a in report.get("accuracy", []) if a["status"] == "error"]
     for a in bad:

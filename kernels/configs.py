@@ -25,20 +25,24 @@ class LaunchConfig(NamedTuple):
 
 
 # Matrix kernels. 16-bit inputs: 128 x 128 logit tiles on tensor cores (wgmma on sm_90, mma on sm_80),
-# three stages of 64-wide K slabs (96 KB of shared memory, inside sm_80's 163 KB). The backward holds
-# GROUP = 8 gradient tiles per group in a per-program scratch slab (8 x 32 KB in bf16) and multiplies
-# them out in 64-wide column blocks of D. Each owner mode has its own tiles: the largest that compile
-# without spills (see `python -m benchmarks.kernel_report`). float32 inputs use exact ("ieee") FMA products on smaller tiles
-# (larger float32 tiles spill); see `python -m benchmarks.kernel_report`.
+# three stages of 64-wide K slabs (96 KB of shared memory, inside sm_80's 163 KB). The backward sweeps
+# hold GROUP gradient tiles per group in a per-program scratch slab (256 KB in bf16) and multiply them
+# out in 64-wide column blocks of D. Each owner mode has its own tiles: the largest that compile without
+# spills with both tested Triton versions (3.6.0, whose ptxas is 12.8, and 3.8.0; see
+# `python -m benchmarks.kernel_report`). float32 inputs use exact ("ieee") FMA products on smaller tiles
+# (larger float32 tiles spill).
 _GPU = {
     "dense_stats": {
         "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
         "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
     },
-    # the backward kernel, per owner mode (OWNER 1: d_hidden, 2: d_weight / d_bias, 0: atomics)
+    # the backward kernel, per owner mode (dense_grad.py): _h OWNER_ROWS, _w OWNER_COLUMNS, _atomic
+    # OWNER_ATOMIC, _chunk OWNER_CHUNK
+    # 128 x 64 logit tiles, 16 per group (the same 1024-deep reduction and slab as 8 x 128): 128 x 128
+    # tiles spill on sm_90 with bias + softcap + filter under Triton 3.6 (ptxas 12.8)
     "dense_grad_h": {
-        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 64,
-                                        "GROUP": 8}, 8, 2),
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64,
+                                        "GROUP": 16}, 8, 2),
         "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 8}, 8, 2),
     },
     "dense_grad_w": {
@@ -72,6 +76,11 @@ _GPU = {
         "16bit": LaunchConfig("16bit", {"BLOCK_U": 16, "BLOCK_K": 128}, 4, 1),
         "fp32": LaunchConfig("fp32", {"BLOCK_U": 16, "BLOCK_K": 128}, 4, 1),
     },
+    # one program per tile row / column of a chunk's keep map; MAX (>= tiles per row and column) is per call
+    "tile_lists": {
+        "16bit": LaunchConfig("16bit", {}, 4, 1),
+        "fp32": LaunchConfig("fp32", {}, 4, 1),
+    },
 }
 
 # Per-architecture replacements (compute capability major * 10). sm_80's mma.sync keeps the 128 x 128
@@ -88,6 +97,8 @@ _ARCH_OVERRIDES = {
         "dense_grad_w": {
             "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64,
                                             "GROUP": 8}, 8, 2),
+            # one stage: two stages spill 16 bytes under Triton 3.6 (ptxas 12.8); FMA-bound anyway
+            "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_D": 32, "GROUP": 8}, 8, 1),
         },
         "dense_grad_atomic": {
             "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64,
@@ -116,10 +127,12 @@ _INTERPRETER = {
                                                     "BLOCK_D": 64, "GROUP": 1}, 4, 1),
     "dense_grad_chunk": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_D": 64,
                                                    "GROUP": 1}, 4, 1),
-    "chunk_matmul": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2}, 4, 1),
+    # BLOCK_K divides both tile sides of dense_grad_chunk (the skip lists' LIST_K), BLOCK_M both too
+    "chunk_matmul": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}, 4, 1),
     "sparse_logits": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_hidden": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_weight": LaunchConfig("interpret", {"BLOCK_U": 256, "BLOCK_K": 128}, 4, 1),
+    "tile_lists": LaunchConfig("interpret", {}, 4, 1),
 }
 
 KERNELS = tuple(_GPU)
@@ -156,6 +169,7 @@ def all_configs(arch: int):
     return {(k, c): config_for(k, c, arch) for k, by_cls in _GPU.items() for c in by_cls}
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 products are exact ("ieee") so float32 results match the contract to ~1e-5."""
-    return "ieee"
+# tl.dot's input_precision. It acts on float32 operands only (16-bit operands are multiplied exactly on
+# the tensor cores with float32 accumulation, whatever it says): "ieee" keeps float32 inputs at the
+# contract's ~1e-5 (tf32 would give ~3e-4).
+DOT_PRECISION = "ieee"

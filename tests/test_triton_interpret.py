@@ -414,3 +414,167 @@ def test_chunked_weight_grad_comes_back_in_bf16_and_exact_at_confident_targets()
         err = float((dw[r].double().cpu() - want["dw"][r]).abs().max())
         assert err <= 1e-2 * row_scale + 1e-6, (r, err, row_scale)
     assert cancel >= len(rows) // 2
+
+
+# ------------------------------------------------------------------------------------ tile filter, skipping
+def filtered_oracle(c, softcap, eps, tile_rows, tile_cols):
+    """oracle_grads with the filter applied as the chunked backward defines it, on tile_rows x tile_cols
+    tiles of the shard's [N, V_shard] logit gradient: the dense part of a tile whose every softmax
+    probability is below eps is dropped (its sparse terms stay), and a tile is multiplied out when it
+    keeps a dense part or holds a nonzero sparse term. Returns (grads, [tiles] dropped dense parts,
+    number of tiles multiplied out, smallest relative distance of a tile maximum to eps)."""
+    zf = logits64(c, softcap, full=True)
+    vs, vsh = c["vs"], c["vsh"]
+    n = zf.shape[0]
+    p = torch.softmax(zf, 1)[:, vs:vs + vsh]
+    rt, ct = -(-n // tile_rows), -(-vsh // tile_cols)
+
+    def per_tile(x):
+        pad = torch.zeros(rt * tile_rows, ct * tile_cols, dtype=torch.float64)
+        pad[:n, :vsh] = x
+        return pad.reshape(rt, tile_rows, ct, tile_cols).amax((1, 3))
+
+    tile_max = per_tile(p)
+    dropped = tile_max < eps
+    sparse = torch.zeros(n, vsh, dtype=torch.float64)  # where a nonzero sparse term lands
+    for i in range(n):
+        ids = [int(c["targets"][i])] if float(c["coef_target"][i]) != 0 else []
+        ids += [t for t in c["set_ids"][i].tolist() if t != -1] if float(c["coef_set"][i]) != 0 else []
+        for t in ids:
+            if vs <= t < vs + vsh:
+                sparse[i, t - vs] = 1.0
+    multiplied = int(((~dropped) | (per_tile(sparse) > 0)).sum())
+    drop = dropped.repeat_interleave(tile_rows, 0).repeat_interleave(tile_cols, 1)[:n, :vsh]
+    full = oracle_grads(c, softcap)
+    dense = c["coef_dense"].double()[:, None] * p * drop  # the dense part the filter removes
+    if softcap is not None:
+        dense = dense * (1 - (zf[:, vs:vs + vsh] / softcap) ** 2)
+    w = c["w_full"].double()[vs:vs + vsh]
+    want = dict(full, dh=full["dh"] - dense @ w, dw=full["dw"] - dense.t() @ c["h"].double(),
+                db=full["db"] - dense.sum(0), tile_max=tile_max)
+    margin = float(((tile_max - eps).abs() / eps).min())
+    return want, dropped, multiplied, margin
+
+
+def test_chunked_backward_skips_filtered_tiles_exactly():
+    """With a Zipf-biased head most tiles hold only tiny probabilities: the chunked pass drops their dense
+    part and skips them in both products (count_tiles), and the result equals the float64 gradient with
+    exactly those dense parts removed. Tiles holding a sparse term are multiplied out even when their
+    probabilities are tiny (row 6's target and row 7's concept ids are such ids); vocabulary rows whose
+    every tile is dropped get exactly zero."""
+    from fused_concept._triton_path import count_tiles
+    from fused_concept.kernels import configs
+
+    dtype = torch.float32
+    n, v_full, vs, vsh = 150, 2300, 100, 2150
+    c = make_case(n, v_full, 40, 0, dtype=dtype, seed=31, bias=True, shard=(vs, vsh))
+    g = torch.Generator().manual_seed(32)
+    c["b_full"] = (-3.0 * torch.log(torch.arange(1, v_full + 1).double())).float()  # few ids carry the mass
+    c["targets"] = torch.where(c["targets"] >= 0, torch.randint(0, 200, (n,), generator=g), c["targets"])
+    c["targets"][6] = 2200  # a negligible id
+    c["set_ids"] = torch.full((n, 3), -1, dtype=torch.int64)
+    c["set_ids"][7] = torch.tensor([2150, 2190, int(c["targets"][7])])
+    c["coef_set"] = torch.zeros(n)
+    c["coef_set"][7] = 0.8
+    cfg = configs.choose("dense_grad_chunk", dtype, torch.device(DEVICE))
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    # eps in the widest gap between consecutive tile maxima (the tile geometry is the device's) that
+    # drops at least one whole column of tiles: no tile maximum is near eps, so the float32 kernel and
+    # this oracle decide alike
+    tile_max = filtered_oracle(c, None, 1.0, bm, bn)[0]["tile_max"]
+    maxima = tile_max.flatten().sort().values
+    cuts = [(float(hi / lo), float((lo * hi).sqrt())) for lo, hi in zip(maxima[:-1], maxima[1:])
+             if bool((tile_max.amax(0) < (lo * hi).sqrt()).any())]
+    eps = max(cuts)[1]
+    want, dropped, multiplied, margin = filtered_oracle(c, None, eps, bm, bn)
+    assert margin > 0.1 and int(dropped.sum()) >= 3
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    with count_tiles() as counted:
+        dh, dw, db = grads_of(*shard_args(c), vocab_start=vs, softcap=None, lse=dev(want["lse"].float()),
+                              set_lse=dev(want["set_lse"].float()), coef_dense=dev(c["coef_dense"]),
+                              coef_target=dev(c["coef_target"]), coef_set=dev(c["coef_set"]), filter_eps=eps,
+                              chunk_columns=3 * bn)  # several chunks, the last one partial
+    assert counted.total == dropped.numel() and counted.kept == multiplied
+    assert multiplied < counted.total - 3  # tiles were skipped
+    for got, key in ((dh, "dh"), (dw, "dw"), (db, "db")):
+        assert_close(got, want[key], dtype, key)
+    # vocabulary rows whose every tile is dropped and which hold no sparse term: exactly zero, where the
+    # unfiltered gradient is not
+    gone = dropped.all(dim=0).repeat_interleave(bn)[:vsh]
+    gone[c["targets"][c["targets"] >= vs] - vs] = False
+    gone[torch.tensor([2150, 2190]) - vs] = False
+    assert int(gone.sum()) > 50
+    assert torch.equal(dw[gone].cpu(), torch.zeros_like(dw[gone].cpu())) and not bool((db[gone] != 0).any())
+    assert float(oracle_grads(c, None)["dw"][gone].abs().min()) > 0
+
+
+def test_filter_eps_auto_and_its_checks():
+    from fused_concept._triton_path import AUTO_FILTER_EPS, filter_threshold
+
+    assert AUTO_FILTER_EPS == 2.0 ** -12
+    assert filter_threshold("auto", torch.bfloat16) == filter_threshold("auto", torch.float16) == 2.0 ** -12
+    assert filter_threshold("auto", torch.float32) == 0.0
+    assert filter_threshold(1e-5, torch.float32) == 1e-5 and filter_threshold(0, torch.bfloat16) == 0.0
+    for bad in (-1e-3, "high", True, None):
+        with pytest.raises(ValueError, match="filter_eps"):
+            filter_threshold(bad, torch.bfloat16)
+
+
+def test_tile_counts_by_strategy():
+    """count_tiles: every tile kept without a filter (chunked), None for the strategies that do not count."""
+    from fused_concept._triton_path import count_tiles
+
+    c = make_case(37, 1001, 48, 3, dtype=torch.float32, seed=9, bias=True)
+    with count_tiles() as chunked:
+        check_grads(c, None, torch.float32)
+    assert chunked.total > 0 and chunked.kept == chunked.total
+    with count_tiles() as frozen:
+        check_grads(c, None, torch.float32, need_weight=False, need_bias=False)
+    assert frozen.kept is None
+
+
+def test_skip_lists_fit_the_matmul_blocks_in_every_configuration():
+    """chunk_matmul walks the chunk tiles' kept lists in BLOCK_M x BLOCK_K steps: both must divide both
+    sides of the dense_grad_chunk tile (dR_c and dR_c^T), for every architecture and the interpreter."""
+    from fused_concept.kernels import configs
+
+    for cls in ("16bit", "fp32"):
+        pairs = [(configs.config_for("dense_grad_chunk", cls, a), configs.config_for("chunk_matmul", cls, a))
+                 for a in configs.ARCHS]
+        pairs.append((configs._INTERPRETER["dense_grad_chunk"], configs._INTERPRETER["chunk_matmul"]))
+        for tile, mm in pairs:
+            for side in (tile.blocks["BLOCK_M"], tile.blocks["BLOCK_N"]):
+                assert side % mm.blocks["BLOCK_M"] == 0 and side % mm.blocks["BLOCK_K"] == 0, (cls, tile, mm)
+
+
+def test_chunk_products_read_only_the_listed_tiles():
+    """tile_lists + chunk_matmul alone: dropped tiles of A hold NaN, so any read of one shows; both
+    products (A @ B accumulated into C, and A^T @ H) equal float64 products of A with those tiles zeroed,
+    including a band of rows with no kept tile and a partial last tile in both directions."""
+    from fused_concept._triton_path import _matmul, _skip_lists
+    from fused_concept.kernels import configs
+
+    cfg = configs.choose("dense_grad_chunk", torch.float32, torch.device(DEVICE))
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    g = torch.Generator().manual_seed(5)
+    rows, cols, d = 3 * bm - 10, 2 * bn + 40, 24
+    r_tiles, c_tiles = -(-rows // bm), -(-cols // bn)
+    keep = (torch.rand(r_tiles, c_tiles, generator=g) < 0.6).to(torch.int8)
+    keep[1] = 0  # a band with nothing to multiply
+    keep[0, 0] = keep[2, c_tiles - 1] = 1
+    mask = keep.bool().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
+    a = torch.randn(rows, cols, generator=g)
+    b = torch.randn(cols, d, generator=g)
+    h = torch.randn(rows, d, generator=g)
+    c0 = torch.randn(rows, d, generator=g)
+    want_c = c0.double() + torch.where(mask, a, 0.0).double() @ b.double()
+    want_w = torch.where(mask, a, 0.0).double().t() @ h.double()
+    a[~mask] = float("nan")
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    by_row, by_col = _skip_lists(dev(keep), bm, bn)
+    assert by_row.count.tolist() == keep.sum(1).tolist() and by_col.count.tolist() == keep.sum(0).tolist()
+    c, w = dev(c0.clone()), torch.full((cols, d), float("nan"), device=DEVICE)
+    _matmul(dev(a), dev(b), c, accumulate=True, skip=by_row)
+    _matmul(dev(a).t(), dev(h), w, accumulate=False, skip=by_col)
+    assert_close(c, want_c, torch.float32, "A @ B over kept tiles")
+    assert_close(w, want_w, torch.float32, "A^T @ H over kept tiles")
