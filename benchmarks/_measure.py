@@ -367,7 +367,9 @@ def _context():
         import multiprocessing as mp
 
         ctx = mp.get_context("forkserver")
-        preload = ["torch", "benchmarks._impls", "benchmarks._measure"]
+        # torch._dynamo: the first call of any torch custom op (fused_concept's, torch's chunked
+        # linear_cross_entropy) imports it, ~2.5 s that would otherwise land in every case's first timing
+        preload = ["torch", "torch._dynamo", "benchmarks._impls", "benchmarks._measure"]
         try:
             import fused_concept  # noqa: F401
 

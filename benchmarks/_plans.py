@@ -14,8 +14,8 @@ GPU_HEADLINES = [
 ]
 # the same two cases at tiny shapes: `gpu_suite.sh --dry-run` (CPU, Triton's interpreter)
 DRY_HEADLINES = [
-    {"name": "Llama-3-8B", "n": 128, "d": 64, "v": 1024},
-    {"name": "Gemma-2-2B", "n": 128, "d": 48, "v": 2048, "softcap": 30.0},
+    {"name": "Llama-3-8B", "n": 64, "d": 32, "v": 512},
+    {"name": "Gemma-2-2B", "n": 64, "d": 32, "v": 768, "softcap": 30.0},
 ]
 CONCEPT_SIZES = (0, 1, 11, 32)
 HEADLINE_K = 11

@@ -5,10 +5,11 @@ float64 logits; they share no code with the package. Every case uses fresh rando
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py does the same before any import
-
 import pytest
 import torch
+
+# tests/conftest.py sets TRITON_INTERPRET=1 before any import where there is no CUDA; with CUDA the
+# kernels compile and run on the GPU
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
