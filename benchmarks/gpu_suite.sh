@@ -58,15 +58,16 @@ fi
 "$PYTHON" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'triton', triton.__version__, 'numpy', numpy.__version__)" >> "$LOG" 2>&1
 
-# 1. this checkout's package on the path: fused_concept.kernels lives in kernels/ (setup.py's package_dir),
-#    so without an install a folder of links stands in for the installed layout
-if ! "$PYTHON" -c "import fused_concept.kernels" 2>/dev/null; then
-    mkdir -p "$SCRATCH/path/fused_concept"
-    ln -s "$ROOT"/fused_concept/* "$SCRATCH/path/fused_concept/"
-    ln -s "$ROOT/kernels" "$SCRATCH/path/fused_concept/kernels"
-    export PYTHONPATH="$SCRATCH/path:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    log "fused_concept from $ROOT (linked)"
-fi
+# 1. this checkout's package on the path, as installed: fused_concept.kernels lives in kernels/ (setup.py's
+#    package_dir), so a folder of links stands in for the installed layout. PYTHONSAFEPATH keeps Python
+#    from putting the working directory (whose fused_concept/ has no kernels/) ahead of it; the dry run
+#    takes the same route even where the package is installed.
+mkdir -p "$SCRATCH/path/fused_concept"
+ln -s "$ROOT"/fused_concept/* "$SCRATCH/path/fused_concept/"
+ln -s "$ROOT/kernels" "$SCRATCH/path/fused_concept/kernels"
+export PYTHONSAFEPATH=1 PYTHONPATH="$SCRATCH/path:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c "import fused_concept.kernels, benchmarks.run; print('fused_concept from', fused_concept.__file__)" >> "$LOG" 2>&1 \
+    || { log "cannot import fused_concept.kernels from the linked checkout (see suite.log)"; exit 2; }
 shopt -s nullglob
 wheels=("$WHEELS"/liger_kernel-*.whl "$WHEELS"/cut_cross_entropy-*.whl)
 shopt -u nullglob
