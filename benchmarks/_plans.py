@@ -12,6 +12,12 @@ GPU_HEADLINES = [
     {"name": "Llama-3-8B", "n": 16384, "d": 4096, "v": 128256},
     {"name": "Gemma-2-2B", "n": 8192, "d": 2304, "v": 256000, "softcap": 30.0},
 ]
+# smaller heads, triton against torch with a trainable and a frozen head: what impl="auto" chooses by
+SHAPE_CLASSES = [
+    {"name": "SmolLM2-135M", "n": 4096, "d": 576, "v": 49152},
+    {"name": "Llama-3.2-1B", "n": 8192, "d": 2048, "v": 128256},
+]
+DRY_SHAPE_CLASSES = [{"name": "SmolLM2-135M", "n": 32, "d": 16, "v": 256}]
 # the same two cases at tiny shapes: `gpu_suite.sh --dry-run` (CPU, Triton's interpreter)
 DRY_HEADLINES = [
     {"name": "Llama-3-8B", "n": 64, "d": 32, "v": 512},
@@ -92,11 +98,12 @@ def cpu_plan(quick):
     return cases
 
 
-def suite_cases(shapes, dtype, device, warmup, repeats, fwd_repeats, prewarm=True):
+def suite_cases(shapes, classes, dtype, device, warmup, repeats, fwd_repeats, prewarm=True):
     """The GPU suite's cases, most important first (a run cut short by its time budget keeps these):
     at the Llama-3-8B shape, impl="triton" and impl="torch" at K=11 and K=0 with a trainable and a
     frozen head, the plain-CE peers and the naive loss at K=0, Triton without its tile filter, the
-    naive loss at K=11; then the Gemma-2-2B shape (softcap 30)."""
+    naive loss at K=11; then the Gemma-2-2B shape (softcap 30); then triton and torch with a trainable
+    and a frozen head at each of `classes` (smaller heads)."""
     llama, gemma = shapes
     cases = []
 
@@ -115,6 +122,10 @@ def suite_cases(shapes, dtype, device, warmup, repeats, fwd_repeats, prewarm=Tru
     for impl, k in (("triton", HEADLINE_K), ("torch", HEADLINE_K), ("triton", 0), ("torch", 0), ("liger", 0),
                     ("cce", 0), ("naive", 0)):
         add(gemma, impl, k)
+    for shape in classes:
+        for head in ("trainable", "frozen"):
+            for impl in ("triton", "torch"):
+                add(shape, impl, HEADLINE_K, head)
     return cases
 
 
@@ -123,7 +134,7 @@ def cuda_plan(quick):
     then, without --quick, sweeps of N and V at the Llama-3-8B width."""
     dev = "cuda"
     w, r, fr = (1, 3, 2) if quick else (2, 10, 10)
-    cases = suite_cases(GPU_HEADLINES, "bfloat16", dev, w, r, fr)
+    cases = suite_cases(GPU_HEADLINES, SHAPE_CLASSES, "bfloat16", dev, w, r, fr)
     if quick:
         return cases
     llama = GPU_HEADLINES[0]
@@ -148,7 +159,7 @@ def dry_plan(device):
     """The suite's cases at tiny shapes, one repeat each, no tiny-shape pre-warm-up (`gpu_suite.sh
     --dry-run`: the plumbing on the CPU, the Triton cases in Triton's interpreter, the CPU runner's
     child processes), and one sweep point (the plots)."""
-    return suite_cases(DRY_HEADLINES, "bfloat16", device, 0, 1, 1, prewarm=False) + [
+    return suite_cases(DRY_HEADLINES, DRY_SHAPE_CLASSES, "bfloat16", device, 0, 1, 1, prewarm=False) + [
         _case("sweep_n", "torch", 256, 64, 1024, HEADLINE_K, "bfloat16", device, 0, 1, prewarm=False)]
 
 

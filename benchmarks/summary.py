@@ -15,7 +15,7 @@ def short_table(report):
              f"  torch {report['versions']['torch']}  triton {report['versions']['triton']}"
              + ("" if not peak else f"  matmul {peak['tflops']:.1f} TFLOP/s ({peak['dtype']})")
              + ("  (PARTIAL: run did not finish)" if report.get("partial") else ""),
-             f"{'shape':<12}{'impl':<19}{'K':>3} {'head':<9}{'fwd+bwd ms':>11}{'TFLOP/s':>9}{'executed':>9}"
+             f"{'shape':<14}{'impl':<19}{'K':>3} {'head':<9}{'fwd+bwd ms':>11}{'TFLOP/s':>9}{'executed':>9}"
              f"{'transient':>10}{'peak MiB':>10}  status"]
     for c in report["cases"]:
         if c["group"] != "headline":
@@ -23,13 +23,13 @@ def short_table(report):
         head = c.get("head", "trainable")
         if c["status"] == "ok":
             fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
-            lines.append(f"{str(c.get('label')):<12}{c['impl']:<19}{c['k']:>3} {head:<9}"
+            lines.append(f"{str(c.get('label')):<14}{c['impl']:<19}{c['k']:>3} {head:<9}"
                          f"{c['fwd_bwd']['median_s'] * 1e3:>11.1f}{c['tflops_fwd_bwd']:>9.2f}"
                          f"{fmt(c.get('tflops_fwd_bwd_executed'), '.2f'):>9}"
                          f"{fmt(c.get('mem_fwd_bwd_transient_mib'), '.0f'):>10}"
                          f"{fmt(c.get('mem_fwd_bwd_peak_mib'), '.0f'):>10}  ok")
         else:
-            lines.append(f"{str(c.get('label')):<12}{c['impl']:<19}{c['k']:>3} {head:<9}{'-':>11}{'-':>9}"
+            lines.append(f"{str(c.get('label')):<14}{c['impl']:<19}{c['k']:>3} {head:<9}{'-':>11}{'-':>9}"
                          f"{'-':>9}{'-':>10}{'-':>10}  {c['status']}: {c.get('note', '')[:60]}")
     lines += report.get("headline_summary") or []
     bad = [a for a in report.get("accuracy", []) if a["status"] == "error"]

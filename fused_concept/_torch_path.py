@@ -35,8 +35,28 @@ CHUNK_ELEMENTS = 2 ** 25
 CUDA_CHUNK_ELEMENTS = 2 ** 27
 
 
+# cuBLAS writes a 16-bit product straight into a float32 output (aten::mm.dtype_out: CUDA, torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def wide_products(t: Tensor) -> bool:
+    """Whether products of 16-bit `t` can run on the tensor cores with a float32 output (CUDA)."""
+    return _MM_OUT_DTYPE and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def mm_into(a: Tensor, b: Tensor, c: Tensor, *, accumulate: bool) -> None:
+    """c = [c +] a @ b for 16-bit a, b where `wide_products(a)`: float32 accumulation, one rounding to c's
+    dtype (float32 or a's)."""
+    if accumulate:
+        torch.addmm(c, a, b, out_dtype=c.dtype, out=c)
+    elif c.dtype == a.dtype:
+        torch.mm(a, b, out=c)
+    else:
+        torch.mm(a, b, out_dtype=c.dtype, out=c)
 
 
 def _rows_per_chunk(n: int, v: int, chunk_rows: Optional[int], device: torch.device) -> int:
@@ -54,9 +74,10 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional
     """Logits of a chunk in the accumulation dtype (float32, or float64 for float64 inputs), capped.
     `out` is a reusable [rows, V] buffer: reusing it keeps the heap from growing chunk after chunk."""
     acc = _acc_dtype(h)
-    if out is not None and h.dtype == acc:
-        z = torch.mm(h, weight.t(), out=out[: h.shape[0]])
-    else:
+    if out is not None and (h.dtype == acc or wide_products(h)):
+        z = out[: h.shape[0]]
+        mm_into(h, weight.t(), z, accumulate=False)
+    else:  # 16-bit on the CPU: the product is rounded to the input dtype, then widened
         z = (h @ weight.t()).to(acc)
     if bias is not None:
         z += bias.to(acc)
@@ -168,6 +189,18 @@ def torch_partial_stats(canon: Canonical, *, chunk_rows: Optional[int] = None) -
 
 
 def _accumulate(dz, h_c, weight, lo, hi, grads: ShardGrads):
+    """d_hidden[lo:hi] = dz W, d_weight += dz^T h_c, d_bias += column sums of dz. For 16-bit inputs on a
+    GPU the products take dz rounded to the input dtype (as the Triton path's dR does) on the tensor
+    cores, accumulating in float32; elsewhere they run in dz's dtype."""
+    if wide_products(h_c):
+        dz16 = dz.to(h_c.dtype)
+        if grads.hidden is not None:
+            mm_into(dz16, weight, grads.hidden[lo:hi], accumulate=False)
+        if grads.weight is not None:
+            mm_into(dz16.t(), h_c, grads.weight, accumulate=True)
+        if grads.bias is not None:
+            grads.bias.add_(dz.sum(dim=0))
+        return
     if grads.hidden is not None:
         torch.mm(dz, weight.to(dz.dtype), out=grads.hidden[lo:hi])
     if grads.weight is not None:

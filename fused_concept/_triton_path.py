@@ -10,16 +10,19 @@ Forward (`triton_partial_stats`):
 
 Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms, picks one of four
 strategies, one function each (the owner modes of `_dense_grad_kernel` are named in kernels/dense_grad.py):
-  * `_chunked_grads` (trainable head, the default): per vocabulary chunk (<= _CHUNK_BYTES of gradient)
-    OWNER_CHUNK recomputes the logit tiles once, adds the sparse terms to the float32 tile and writes the
-    chunk's gradient dR_c [N, V_c] in the input dtype (one rounding); `_chunk_matmul_kernel` then does
-    dH += dR_c W_c (float32 dH) and dW_c = dR_c^T H (stored in the weight's dtype), db_c = column sums.
-    With a tile filter the keep map of each chunk becomes two lists of kept tiles (`_tile_lists_kernel`)
-    and both products skip the dropped tiles. 2 N D V (recompute) + 4 N D V x kept fraction flops.
-  * `_hidden_sweep` (frozen head): OWNER_ROWS owns row tiles of dH and sweeps the vocabulary (in slices
-    when N is small), parking GROUP gradient tiles in a scratch slab and multiplying them out together.
-  * `_hidden_sweep` + `_weight_sweep` (weight_pass="sweep"): plus a persistent OWNER_COLUMNS sweep for
-    dW / db (8 N D V flops, no [N, chunk] buffer).
+  * `_chunked_grads` (the default, trainable or frozen head): per vocabulary chunk (<= _CHUNK_BYTES of
+    gradient) OWNER_CHUNK recomputes the logit tiles once, adds the sparse terms to the float32 tile and
+    writes the chunk's gradient dR_c [N, V_c] in the input dtype (one rounding); then dH += dR_c W_c
+    (float32 dH) and, for a trainable head, dW_c = dR_c^T H (stored in the weight's dtype), db_c = column
+    sums. The products run on cuBLAS for 16-bit inputs on a GPU (`_product`), else on
+    `_chunk_matmul_kernel`; with a tile filter the keep map of each chunk becomes two lists of kept tiles
+    (`_tile_lists_kernel`) and `_chunk_matmul_kernel` skips the dropped tiles.
+    2 N D V (recompute) + 2 N D V (dH) [+ 2 N D V (dW)] x kept fraction flops.
+  * `_hidden_sweep` (weight_pass="sweep"): OWNER_ROWS owns row tiles of dH and sweeps the vocabulary (in
+    slices when N is small), parking GROUP gradient tiles in a scratch slab and multiplying them out
+    together. On the H200 it ran a frozen head's backward 2x slower than the chunked strategy did.
+  * `_weight_sweep` (weight_pass="sweep", trainable head): plus a persistent OWNER_COLUMNS sweep for
+    dW / db (8 N D V flops in all, no [N, chunk] buffer).
   * `_atomic_grads` (deterministic=False): OWNER_ATOMIC, one launch over (row tile, vocab tile) pairs
     adding with float32 atomics (6 N D V flops, not reproducible).
   The sweep and atomic strategies add the sparse terms afterwards (`_add_sparse_terms`: the
@@ -50,6 +53,7 @@ from fused_concept.kernels.tile_lists import _tile_lists_kernel
 
 from ._inputs import Canonical
 from ._rowmath import Needs, RowGrad, ShardGrads, ShardStats
+from ._torch_path import mm_into, wide_products
 
 # The keyword switches of `triton_shard_grads` that users pass as concept_loss(kernel_options=...).
 KERNEL_OPTIONS = ("deterministic", "filter_eps", "weight_pass", "vocab_splits", "chunk_columns")
@@ -297,6 +301,17 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, *, accumulate: bool, skip: Optional
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.blocks)
 
 
+
+def _product(a: Tensor, b: Tensor, c: Tensor, *, accumulate: bool, skip: Optional[_SkipLists] = None) -> None:
+    """c = [c +] a @ b, as `_matmul`: on cuBLAS where it computes the same thing (16-bit operands on a GPU,
+    no tiles to skip: float32 accumulation, one rounding to c's dtype), else on `_chunk_matmul_kernel`.
+    On the H200, cuBLAS ran these products faster (benchmarks/results/2026-11-29-h200)."""
+    if skip is None and not configs.interpreting() and wide_products(a):
+        mm_into(a, b, c, accumulate=accumulate)
+    else:
+        _matmul(a, b, c, accumulate=accumulate, skip=skip)
+
+
 def _skip_lists(keep: Tensor, bm: int, bn: int) -> Tuple[_SkipLists, _SkipLists]:
     """(for dR_c @ W_c, for dR_c^T @ H): the kept tiles of the chunk's [R, C] keep map by row and by column."""
     r, c = keep.shape
@@ -337,7 +352,7 @@ def _chunked_grads(b: _Backward, needs: Needs, chunk_columns: Optional[int]) -> 
     cfg = configs.choose("dense_grad_chunk", hidden.dtype, dev)
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     d_hidden = torch.zeros((n, d), dtype=torch.float32, device=dev) if needs.hidden else None
-    d_weight = torch.empty((v, d), dtype=weight.dtype, device=dev)  # every row is written
+    d_weight = torch.empty((v, d), dtype=weight.dtype, device=dev) if needs.weight else None  # all rows written
     d_bias = torch.empty((v,), dtype=bias.dtype, device=dev) if needs.bias and bias is not None else None
     hit = (b.ids >= b.vocab_start) & (b.ids < b.vocab_start + v)
     loc = torch.where(hit, b.ids - b.vocab_start, torch.full_like(b.ids, -1)).to(torch.int32).contiguous()
@@ -359,8 +374,9 @@ def _chunked_grads(b: _Backward, needs: Needs, chunk_columns: Optional[int]) -> 
             _count_tiles(tiles[0] * tiles[1], None)
         g_c = grad[:, :c1 - c0]
         if d_hidden is not None:
-            _matmul(g_c, w_c.to(grad_dtype), d_hidden, accumulate=True, skip=by_row)
-        _matmul(g_c.t(), h_op, d_weight[c0:c1], accumulate=False, skip=by_col)
+            _product(g_c, w_c.to(grad_dtype), d_hidden, accumulate=True, skip=by_row)
+        if d_weight is not None:
+            _product(g_c.t(), h_op, d_weight[c0:c1], accumulate=False, skip=by_col)
         if d_bias is not None:
             d_bias[c0:c1] = g_c.float().sum(dim=0)
     return ShardGrads(d_hidden, d_weight, d_bias)
@@ -478,9 +494,8 @@ def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, determi
     """(d_hidden [N, D], d_weight [V, D], d_bias [V]) for this shard; None where not needed.
 
     Picks one of four strategies (each a function above):
-      trainable head, deterministic, weight_pass="chunked" (default)  -> _chunked_grads (6 N D V flops)
-      frozen head (no d_weight), deterministic                          -> _hidden_sweep (4 N D V)
-      weight_pass="sweep", deterministic                                -> _hidden_sweep + _weight_sweep (8 N D V)
+      deterministic, weight_pass="chunked" (default)  -> _chunked_grads (6 N D V flops; 4 for a frozen head)
+      weight_pass="sweep", deterministic                -> _hidden_sweep [+ _weight_sweep] (4 [+ 4] N D V)
       deterministic=False                                               -> _atomic_grads (6 N D V, atomics)
     d_hidden is float32. d_weight / d_bias are in the weight's / bias's dtype from the chunked strategy and
     float32 from the others. grad holds the merged (global) lse / set_lse and the per-row coefficients.
@@ -496,11 +511,11 @@ def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, determi
     eps = filter_threshold(filter_eps, canon.hidden.dtype)
     need_bias = needs.bias and canon.bias is not None
     if canon.num_rows == 0 or not (needs.hidden or needs.weight or need_bias):
-        return _empty_grads(canon, needs, chunked=deterministic and needs.weight and weight_pass == "chunked")
+        return _empty_grads(canon, needs, chunked=deterministic and weight_pass == "chunked")
     b = _backward_inputs(canon, grad, eps)
     if not deterministic:
         grads = _atomic_grads(b, needs)
-    elif needs.weight and weight_pass == "chunked":
+    elif weight_pass == "chunked":
         return _chunked_grads(b, needs, chunk_columns)  # sparse terms included
     else:
         grads = ShardGrads(_hidden_sweep(b, vocab_splits) if needs.hidden else None, *_weight_sweep(b, needs))

@@ -233,6 +233,11 @@ CASES = [
      dict(soft=True, vocab_splits=4, softcap=10.0, bias=True, weight_pass="sweep")),
     ("small-fp32-sweep", (37, 1001, 48), 5, torch.float32, dict(bias=True, weight_pass="sweep")),
     ("small-bf16-one-chunk", (37, 1001, 48), 5, torch.bfloat16, dict(bias=True, chunk_columns=4096)),
+    ("small-bf16-frozen-weight-trainable-bias", (37, 1001, 48), 4, torch.bfloat16,
+     dict(need_weight=False, bias=True, softcap=20.0, filter_eps=0.0)),
+    ("small-bf16-K11-no-filter", (37, 1001, 48), 11, torch.bfloat16, dict(bias=True, filter_eps=0.0)),
+    ("small-fp32-frozen-sweep", (37, 1001, 48), 4, torch.float32,
+     dict(need_weight=False, bias=True, need_bias=False, weight_pass="sweep", vocab_splits=3)),
 ]
 
 
@@ -522,7 +527,8 @@ def test_filter_eps_auto_and_its_checks():
 
 
 def test_tile_counts_by_strategy():
-    """count_tiles: every tile kept without a filter (chunked), None for the strategies that do not count."""
+    """count_tiles: every tile kept without a filter (chunked, trainable or frozen head), None for the
+    strategies that do not count (the sweeps)."""
     from fused_concept._triton_path import count_tiles
 
     c = make_case(37, 1001, 48, 3, dtype=torch.float32, seed=9, bias=True)
@@ -531,7 +537,10 @@ def test_tile_counts_by_strategy():
     assert chunked.total > 0 and chunked.kept == chunked.total
     with count_tiles() as frozen:
         check_grads(c, None, torch.float32, need_weight=False, need_bias=False)
-    assert frozen.kept is None
+    assert frozen.total == chunked.total and frozen.kept == frozen.total
+    with count_tiles() as sweep:
+        check_grads(c, None, torch.float32, need_weight=False, need_bias=False, weight_pass="sweep")
+    assert sweep.kept is None
 
 
 def test_skip_lists_fit_the_matmul_blocks_in_every_configuration():
