@@ -118,8 +118,9 @@ _EXECUTED = {
 
 def flops_executed(case, tiles=None):
     """(FLOPs of one forward+backward as executed, or None when not known; how they were counted).
-    Triton, chunked strategy: forward 2 NDV + recompute 2 NDV + the dH and dW products of the tiles it
-    multiplied out (4 NDV x kept / total, from `tiles`, a TileCount of one forward+backward)."""
+    Triton, chunked strategy: forward 2 NDV + recompute 2 NDV + the products of the tiles it multiplied
+    out (dH and dW: 4 NDV, frozen head dH only: 2 NDV; x kept / total, from `tiles`, a TileCount of one
+    forward+backward)."""
     n, d, v = case["n"], case["d"], case["v"]
     frozen = case.get("head") == "frozen"
     ndv = float(n) * d * v
@@ -127,11 +128,10 @@ def flops_executed(case, tiles=None):
         trainable, fixed, how = _EXECUTED[case["impl"]]
         return (fixed if frozen else trainable) * ndv, how
     if case["impl"].startswith("triton"):
+        products = 2.0 if frozen else 4.0
         if tiles is not None and tiles.kept is not None and tiles.total:
-            return ndv * (4.0 + 4.0 * tiles.kept / tiles.total), (
-                f"forward 2 + recompute 2 + products of {tiles.kept} of {tiles.total} tiles x 4 (NDV)")
-        if frozen:
-            return 6.0 * ndv, "forward 2 + recompute 2 + dH 2 (NDV); tiles the filter drops not counted: at most"
+            return ndv * (4.0 + products * tiles.kept / tiles.total), (
+                f"forward 2 + recompute 2 + products of {tiles.kept} of {tiles.total} tiles x {products:g} (NDV)")
         return None, "tile counts not available"
     if case["impl"] == "cce":
         return None, "forward 2 + recompute 2 + products of the tiles above its own filter (<= 8 NDV)"

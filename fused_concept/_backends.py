@@ -88,13 +88,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(impl: str, device: torch.device) -> str:
-    """The implementation `impl` means for tensors on `device`: "auto" is "triton" on CUDA when Triton is
-    installed, else "torch". Raises ValueError for an unknown name or a backend the device cannot run."""
+def resolve(impl: str, device: torch.device, *, kernel_options: Optional[dict] = None) -> str:
+    """The implementation `impl` means for tensors on `device`. Raises ValueError for an unknown name or a
+    backend the device cannot run.
+
+    "auto" is "torch": on the H200 (benchmarks/results/2026-11-29-h200-2) the torch path ran forward +
+    backward 1.45x to 2.3x faster than the Triton kernels in every class measured (bf16, N x D x V from
+    4096 x 576 x 49152 to 16384 x 4096 x 256000, trainable and frozen head); the Triton kernels hold less
+    (258 MiB against 2263 MiB transient at Llama-3-8B), so choose impl="triton" when memory is what binds.
+    "auto" with kernel_options (Triton's switches) is "triton" where Triton can run."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        runs_triton = triton_available() and (device.type == "cuda" or interpreting())
+        return "triton" if kernel_options and runs_triton else "torch"
     if impl == "triton":
         if not triton_available():
             raise ValueError('impl="triton" needs the triton package (pip install triton)')

@@ -28,9 +28,8 @@ strategies, one function each (the owner modes of `_dense_grad_kernel` are named
   The sweep and atomic strategies add the sparse terms afterwards (`_add_sparse_terms`: the
   `_sparse_grad_hidden_kernel` / `_sparse_grad_weight_kernel` pair, pairs sorted by id, no atomics).
 
-filter_eps ("auto" by default: 2**-12 for bf16 / fp16 inputs, off for float32; see
-benchmarks/filter_study.py for the measurement behind it) drops dense tiles whose every softmax
-probability is below it. All accumulation is float32. d_hidden is returned in float32; d_weight / d_bias
+filter_eps (a number > 0; "auto", the default, is off: see AUTO_FILTER_EPS for the measurements) drops
+dense tiles whose every softmax probability is below it. All accumulation is float32. d_hidden is returned in float32; d_weight / d_bias
 in the weight's / bias's dtype from the chunked strategy and in float32 from the others.
 """
 from __future__ import annotations
@@ -64,8 +63,11 @@ _PROGRAMS_PER_SM = 2
 _SPLIT_BYTES = 32 * 2 ** 20
 # Most bytes of the per-chunk logit gradient [N, V_chunk] of the chunked backward.
 _CHUNK_BYTES = 32 * 2 ** 20
-# filter_eps="auto" for 16-bit inputs (float32: off). Decided from benchmarks/filter_study.py.
-AUTO_FILTER_EPS = 2.0 ** -12
+# filter_eps="auto": off. At 2**-12 (cut-cross-entropy's bf16 threshold) benchmarks/filter_study.py found
+# the added error below the bf16 rounding but only 4.7% of tiles droppable on SmolLM2's activations, and on
+# the H200 the filtered backward (skip lists, Triton's products) ran 1.41x slower than the unfiltered one
+# (cuBLAS products): benchmarks/results/2026-11-29-h200-2, Llama-3-8B, K=0.
+AUTO_FILTER_EPS = 0.0
 
 
 def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -206,12 +208,12 @@ class _Backward(NamedTuple):
 
 
 def filter_threshold(filter_eps, dtype: torch.dtype) -> float:
-    """The tile filter's threshold for inputs of `dtype`: "auto" is 2**-12 for bf16 / fp16 inputs and off
-    (0.0) for float32; a number >= 0 is used as given (0 = off)."""
+    """The tile filter's threshold for inputs of `dtype`: "auto" is AUTO_FILTER_EPS (off, for every dtype);
+    a number >= 0 is used as given (0 = off)."""
     if isinstance(filter_eps, str):
         if filter_eps != "auto":
             raise ValueError(f'filter_eps must be "auto" or a number >= 0, got {filter_eps!r}')
-        return AUTO_FILTER_EPS if configs.dtype_class(dtype) == "16bit" else 0.0
+        return AUTO_FILTER_EPS
     if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not filter_eps >= 0:
         raise ValueError(f'filter_eps must be "auto" or a number >= 0, got {filter_eps!r}')
     return float(filter_eps)
@@ -499,8 +501,8 @@ def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, determi
       deterministic=False                                               -> _atomic_grads (6 N D V, atomics)
     d_hidden is float32. d_weight / d_bias are in the weight's / bias's dtype from the chunked strategy and
     float32 from the others. grad holds the merged (global) lse / set_lse and the per-row coefficients.
-    filter_eps: drop dense tiles whose every softmax probability is below it ("auto": 2**-12 for 16-bit
-    inputs, off for float32; 0 = off); the chunked strategy then skips their dH and dW products.
+    filter_eps: drop dense tiles whose every softmax probability is below it ("auto": off, see
+    AUTO_FILTER_EPS; 0 = off); the chunked strategy then skips their dH and dW products.
     vocab_splits: vocabulary slices of the d_hidden sweep (default: enough to fill the GPU within
     _SPLIT_BYTES of float32 partials; 1 under the interpreter). chunk_columns: vocabulary ids per chunk
     of the chunked strategy (default: _CHUNK_BYTES of gradient in the input dtype)."""

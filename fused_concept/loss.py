@@ -4,7 +4,8 @@ Implementations (`impl=`):
   "reference"  float32 logits [N, V] in memory, autograd through them (the naive loss, the oracle)
   "torch"      chunked plain PyTorch; one chunk of logits alive at a time (any device)
   "triton"     fused Triton kernels; logits never stored (CUDA, or the Triton interpreter)
-  "auto"       "triton" for CUDA tensors when Triton is importable, else "torch"
+  "auto"       "torch" (measured faster than "triton" on an H200 in every class tried; see
+               _backends.resolve), or "triton" when kernel_options are given and Triton can run
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def concept_loss(
         return _tensor_parallel_loss(hidden, weight, targets, concepts, options, impl=impl, return_stats=return_stats,
                                      kernel_options=kernel_options)
     canon = prepare(hidden, weight, targets, concepts, **options)
-    which = _backends.resolve(impl, hidden.device)
+    which = _backends.resolve(impl, hidden.device, kernel_options=kernel_options)
     options = _backends.check_kernel_options(which, kernel_options)
     if which == "reference":
         loss, stats = _reference_loss(canon, reduction)

@@ -217,14 +217,15 @@ def check_grads(c, softcap, dtype, *, need_hidden=True, need_weight=True, need_b
 # (name, (N, V_full, D), K, dtype, options)
 CASES = [
     ("small-fp32-marginal", (37, 1001, 48), 4, torch.float32, {}),
-    ("small-bf16-K16-bias-softcap", (37, 1001, 48), 16, torch.bfloat16, dict(bias=True, softcap=15.0)),
+    ("small-bf16-K16-bias-softcap", (37, 1001, 48), 16, torch.bfloat16,
+     dict(bias=True, softcap=15.0, filter_eps=2.0 ** -12)),
     ("small-fp32-soft-K16-bias", (37, 1001, 48), 16, torch.float32, dict(soft=True, bias=True)),
     ("small-bf16-soft-softcap", (37, 1001, 48), 6, torch.bfloat16, dict(soft=True, softcap=20.0)),
     ("small-fp16-K3-bias", (37, 1001, 48), 3, torch.float16, dict(bias=True)),
     ("odd-D-fp32-soft", (29, 515, 37), 4, torch.float32, dict(bias=True, soft=True, softcap=5.0)),
     ("small-fp32-K0-frozen", (37, 1001, 48), 0, torch.float32, dict(need_weight=False, bias=True,
                                                                     need_bias=False)),
-    ("big-bf16-K11-shard", (130, 4099, 80), 11, torch.bfloat16, dict(shard=(1500, 2077), bias=True)),
+    ("big-bf16-K11-shard", (130, 4099, 80), 11, torch.bfloat16, dict(shard=(1500, 2077), bias=True, filter_eps=2.0 ** -12)),
     ("big-fp32-soft-shard-softcap", (130, 4099, 80), 5, torch.float32,
      dict(soft=True, shard=(0, 2050), softcap=30.0)),
     ("big-fp32-atomic-splits", (130, 4099, 80), 16, torch.float32,
@@ -517,9 +518,9 @@ def test_chunked_backward_skips_filtered_tiles_exactly():
 def test_filter_eps_auto_and_its_checks():
     from fused_concept._triton_path import AUTO_FILTER_EPS, filter_threshold
 
-    assert AUTO_FILTER_EPS == 2.0 ** -12
-    assert filter_threshold("auto", torch.bfloat16) == filter_threshold("auto", torch.float16) == 2.0 ** -12
-    assert filter_threshold("auto", torch.float32) == 0.0
+    assert AUTO_FILTER_EPS == 0.0  # off: measured slower on the H200 (see _triton_path.AUTO_FILTER_EPS)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert filter_threshold("auto", dtype) == 0.0
     assert filter_threshold(1e-5, torch.float32) == 1e-5 and filter_threshold(0, torch.bfloat16) == 0.0
     for bad in (-1e-3, "high", True, None):
         with pytest.raises(ValueError, match="filter_eps"):
