@@ -80,8 +80,12 @@ def _triton_backend() -> Backend:
 _FACTORIES = {"torch": _torch_backend, "triton": _triton_backend}
 
 
+# looked up once: torch.compile cannot trace importlib (torch 2.11 breaks the graph on find_spec)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:

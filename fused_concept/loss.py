@@ -91,9 +91,10 @@ def concept_loss(
         ntp_weight, concept_weight: floats or tensors shaped like targets (no gradient).
         impl: "auto" | "reference" | "torch" | "triton".
         return_stats: also return `ConceptStats(lse, ce, mass, argmax)`, shaped like targets.
-        kernel_options: Triton backward switches (impl "triton" only): `deterministic` (default True:
-            no atomics, bitwise-repeatable), `filter_eps` (skip gradient tiles whose softmax values
-            are all below it; default 0 = off), `weight_pass` ("chunked" | "sweep"); see kernels/README.md.
+        kernel_options: Triton backward switches (impl "triton", or "auto", which they make "triton"):
+            `deterministic` (default True: no atomics, bitwise-repeatable), `filter_eps` (skip gradient
+            tiles whose softmax values are all below it; default "auto" = off), `weight_pass`
+            ("chunked" | "sweep"); see kernels/README.md.
 
     Returns:
         the loss (a scalar, or per-row shaped like targets for reduction="none"), and the stats when asked.

@@ -9,8 +9,8 @@ vocab-parallel head, and destroys the group. A run passes when both ranks exit w
 nothing on stderr says the process aborted. Any failure prints the run's stderr tail and the command
 exits 1.
 
-`--no-quiesce` replaces `train._quiesce` (the wait before `destroy_process_group`) by a no-op, to show
-what happens without it.
+`--no-wait` replaces `train._wait_for_peers` (the barrier before `destroy_process_group`) by a no-op,
+to show what happens without it.
 """
 from __future__ import annotations
 
@@ -25,23 +25,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ABORT_SIGNS = ("terminate called", "Aborted", "SIGABRT", "Signal 6", "core dumped", "gloo::", "Traceback")
 
 
-def worker(out_dir: str, mode: str, no_quiesce: bool) -> None:
+def worker(out_dir: str, mode: str, no_wait: bool) -> None:
     sys.path.insert(0, HERE)
     from test_train import small_config, tiny_data, tiny_model
 
     from fused_concept import train as train_module
 
-    if no_quiesce:
-        train_module._quiesce = lambda: None
+    if no_wait:
+        assert hasattr(train_module, "_wait_for_peers")
+        train_module._wait_for_peers = lambda: None
     config = small_config(out_dir, micro_batch_size=1, lora=False, steps=2,
                           vocab_parallel=mode == "vocab_parallel")
     train_module.train(config, model=tiny_model(), data=tiny_data())
 
 
-def one_run(run: int, mode: str, no_quiesce: bool, root: str, timeout: float):
+def one_run(run: int, mode: str, no_wait: bool, root: str, timeout: float):
     out_dir = os.path.join(root, f"run-{run:03d}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", out_dir, "--mode", mode] + (["--no-quiesce"] if no_quiesce else [])
+           "--worker", out_dir, "--mode", mode] + (["--no-wait"] if no_wait else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -56,25 +57,25 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--mode", choices=("ddp", "vocab_parallel", "both"), default="both",
                         help="both: alternate DDP and vocab-parallel runs")
-    parser.add_argument("--no-quiesce", action="store_true", help="skip train._quiesce (shows the failure)")
+    parser.add_argument("--no-wait", action="store_true", help="skip train._wait_for_peers (the barrier at exit)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--worker", metavar="OUT_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.mode, args.no_quiesce)
+        worker(args.worker, args.mode, args.no_wait)
         return 0
     failures = 0
     with tempfile.TemporaryDirectory() as root:
         for run in range(args.runs):
             mode = args.mode if args.mode != "both" else ("ddp", "vocab_parallel")[run % 2]
-            ok, seconds, proc, signs = one_run(run, mode, args.no_quiesce, root, args.timeout)
+            ok, seconds, proc, signs = one_run(run, mode, args.no_wait, root, args.timeout)
             print(f"run {run + 1:2d}/{args.runs} {mode:<14} exit {proc.returncode:4d} {seconds:6.1f} s "
                   f"{'ok' if ok else 'FAILED ' + ','.join(signs)}", flush=True)
             if not ok:
                 failures += 1
                 print(proc.stderr[-4000:], flush=True)
     print(f"{args.runs - failures}/{args.runs} runs started and stopped cleanly"
-          + (" (without _quiesce)" if args.no_quiesce else ""), flush=True)
+          + (" (without _wait_for_peers)" if args.no_wait else ""), flush=True)
     return 1 if failures else 0
 
 

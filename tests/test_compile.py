@@ -132,13 +132,16 @@ def test_triton_kernels_run_as_the_registered_op_in_compiled_code():
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not fc._backends.interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     h, w, b, y, c, _ = _inputs(seed=3, n=10)
-    fn = lambda h_, w_, b_: fc.concept_loss(h_, w_, y, c, bias=b_, impl="triton", margin=0.5,  # noqa: E731
-                                            kernel_options={"deterministic": True})
-    explained = torch._dynamo.explain(fn)(h, w, b)
+    on = [t.detach().to(dev).requires_grad_() for t in (h, w, b)]
+    fn = lambda h_, w_, b_: fc.concept_loss(h_, w_, y.to(dev), c.to(dev), bias=b_, impl="triton",  # noqa: E731
+                                            margin=0.5, kernel_options={"deterministic": True})
+    explained = torch._dynamo.explain(fn)(*on)
     assert explained.graph_break_count == 0, explained.break_reasons
     got_loss, got_grads = _loss_and_grads(lambda *a: torch.compile(fn, fullgraph=True, backend="aot_eager")(*a[:3]),
-                                          h, w, b, y, c, None, torch.tensor(0.8))
+                                          *on, y, c, None, torch.tensor(0.8, device=dev))
+    got_loss, got_grads = got_loss.cpu(), [g.cpu() for g in got_grads]
     h64, w64, b64 = as_float64(h, w, b)
     ref_loss, ref_grads = _loss_and_grads(lambda *a: contract_loss(*a[:2], y, c, bias=a[2], margin=0.5)[0],
                                           h64, w64, b64, y, c, None, torch.tensor(0.8, dtype=torch.float64))
@@ -192,3 +195,33 @@ def test_inductor_training_step_of_a_model_calling_the_loss():
     assert rel_err(loss, ref_loss) < 2e-5
     for (n, p), (_, p64) in zip(model.named_parameters(), ref.named_parameters()):
         assert rel_err(got[n], p64.grad) < 1e-4, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_cuda_bf16_inductor_training_step(impl):
+    """On a GPU, the usual setting: bf16 parameters, Inductor, fullgraph, impl "torch" and "triton": loss and
+    gradients as in eager mode (bf16 rounding) and as the float64 contract gives them."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = TinyLM().cuda().to(torch.bfloat16)
+    fc.fuse_head(model.head, lam=0.4, margin=None, impl=impl)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, V, (2, 7), generator=g).cuda()
+    _, _, _, y, c, _ = _inputs(seed=9, n=14)
+    y, c = y.reshape(2, 7).cuda(), c.reshape(2, 7, -1).cuda()
+    loss = torch.compile(model, fullgraph=True)(ids, y, c)
+    loss.backward()
+    got = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(ids, y, c).backward()
+    for n, p in model.named_parameters():
+        assert rel_err(got[n], p.grad.float()) < 2e-2, n
+    ref = copy.deepcopy(model).double()
+    ref_loss, _ = contract_loss(ref.trunk(ids), ref.head.weight, y, c, bias=ref.head.bias,
+                                **_objective_rows(y.reshape(-1).cpu(), c.reshape(14, -1).cpu(), 0.4))
+    ref_loss.backward()
+    assert rel_err(loss.float().cpu(), ref_loss.cpu()) < 2e-2
+    for (n, p), (_, p64) in zip(model.named_parameters(), ref.named_parameters()):
+        assert rel_err(got[n].cpu(), p64.grad.cpu()) < 3e-2, n
