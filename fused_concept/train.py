@@ -503,7 +503,7 @@ def _save_checkpoint(config: TrainConfig, trainee: _Trainee, optimizer, schedule
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,  # a CPU run: None
         "history": state.history,
         "before": state.before,
         "config": dataclasses.asdict(config),
