@@ -9,6 +9,7 @@ afterwards): training checkpoints and the concept cache store it and verify it w
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import pickle
@@ -18,17 +19,19 @@ from typing import Callable, IO
 
 import torch
 
-TEMP_MARK = ".tmp-"  # temp files are "<name>.tmp-<pid>-<random>", next to the file they become
+_TEMP_MARK = ".tmp-"  # temp files are "<name>.tmp-<pid>-<random>", next to the file they become
 
 
-def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: str, write: Callable[[IO[bytes]], None], *, sole_writer: bool = False) -> None:
     """Write `path` through `write(handle)`: into a new temp file in the same folder (unique per
     writer), fsync, `os.replace` over `path`, then fsync the folder so the rename is durable too.
-    The temp file is removed when `write` raises; a killed writer leaves only its temp file behind."""
+    The temp file is removed when `write` raises; a killed writer leaves only its temp file behind.
+    `sole_writer=True` (no other process writes `path`: a run's own outputs) then removes the temp
+    files of `path` that killed writes left."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = f"{path}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 minus the umask, as open()
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -46,11 +49,14 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(folder_fd)
         finally:
             os.close(folder_fd)
+    if sole_writer:
+        for stale in glob.glob(glob.escape(path) + _TEMP_MARK + "*"):
+            os.remove(stale)
 
 
-def save_atomic(path: str, payload) -> None:
+def save_atomic(path: str, payload, *, sole_writer: bool = False) -> None:
     """`torch.save(payload)` to `path` through `write_atomic`."""
-    write_atomic(path, lambda handle: torch.save(payload, handle))
+    write_atomic(path, lambda handle: torch.save(payload, handle), sole_writer=sole_writer)
 
 
 class UnreadableFile(ValueError):

@@ -58,7 +58,7 @@ from ._data import (
     split_train_heldout,
     token_chunks,
 )
-from ._durable import TEMP_MARK, UnreadableFile, checksum, load_plain, matches, save_atomic, write_atomic
+from ._durable import UnreadableFile, checksum, load_plain, matches, save_atomic, write_atomic
 from ._recipes import PAPER_SCALE, PAPER_SETTINGS, departures, paper_config, resolve_schedule
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -495,7 +495,8 @@ def _check_resumable(saved: Dict, config: TrainConfig) -> None:
 
 def _save_checkpoint(config: TrainConfig, trainee: _Trainee, optimizer, scheduler, state: _State, keep=2) -> None:
     """Write out_dir/checkpoints/step-NNNNNN.pt atomically (tensors and plain data, with their
-    checksum), keep the newest `keep`, and remove what killed writes left (their temp files)."""
+    checksum; the temp files of killed writes of it removed) and keep the newest `keep`. A run killed
+    while writing step k's checkpoint resumes from an earlier one, so it writes step k's again."""
     folder = os.path.join(config.out_dir, "checkpoints")
     content = {
         "step": state.step,
@@ -509,8 +510,8 @@ def _save_checkpoint(config: TrainConfig, trainee: _Trainee, optimizer, schedule
         "config": dataclasses.asdict(config),
     }
     save_atomic(os.path.join(folder, f"step-{state.step:06d}.pt"),
-                {"format": CHECKPOINT_FORMAT, **content, "checksum": checksum(content)})
-    for old in _checkpoint_paths(config.out_dir)[:-keep] + glob.glob(os.path.join(folder, f"step-*.pt{TEMP_MARK}*")):
+                {"format": CHECKPOINT_FORMAT, **content, "checksum": checksum(content)}, sole_writer=True)
+    for old in _checkpoint_paths(config.out_dir)[:-keep]:
         os.remove(old)
 
 
@@ -747,7 +748,7 @@ def _report(config: TrainConfig, result: Dict, rows: Optional[Dict] = None) -> N
 
 def _write_json(path: str, payload) -> None:
     data = json.dumps(payload, indent=2).encode("utf-8")
-    write_atomic(path, lambda h: h.write(data))
+    write_atomic(path, lambda h: h.write(data), sole_writer=True)
 
 
 def _settings_vs_paper(config: TrainConfig) -> str:
@@ -802,7 +803,7 @@ def _plot_curves(path: str, history: List[Dict], before: Dict, after: Dict, titl
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    write_atomic(path, lambda h: fig.savefig(h, format="png", dpi=110))
+    write_atomic(path, lambda h: fig.savefig(h, format="png", dpi=110), sole_writer=True)
     plt.close(fig)
 
 

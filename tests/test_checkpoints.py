@@ -47,10 +47,10 @@ def _train_child(out_dir, stop_at_save, conn):
     if stop_at_save is not None:
         real_save, saves = train_module.save_atomic, []
 
-        def stopping_save(path, payload):
+        def stopping_save(path, payload, **options):
             saves.append(path)
             if len(saves) < stop_at_save:
-                return real_save(path, payload)
+                return real_save(path, payload, **options)
             buffer = io.BytesIO()
             torch.save(payload, buffer)
             data = buffer.getvalue()
@@ -129,7 +129,7 @@ def test_sigkilled_training_resumes_to_the_same_adapters_bit_for_bit(tmp_path):
     assert any(whole[name].abs().max() > 0 for name in whole if "lora_B" in name)  # B starts at zero: it trained
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (whole_dir, crash_dir)]
     assert metrics[1]["history"] == metrics[0]["history"] and metrics[1]["after"] == metrics[0]["after"]
-    assert not glob.glob(str(crash_dir / "**" / "*.tmp-*"), recursive=True)  # killed writes cleaned up
+    assert not glob.glob(str(crash_dir / "**" / "*.tmp-*"), recursive=True)  # what killed writes left: removed
     assert sorted(os.listdir(crash_dir / "checkpoints")) == ["step-000005.pt", "step-000006.pt"]
 
 
