@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from typing import List
 
@@ -48,6 +47,7 @@ from ._content_words import (
     sequence_text,
     vocab_of,
 )
+from ._durable import UnreadableFile, checksum, load_plain, matches, save_atomic
 
 __all__ = [
     "STOPWORDS",
@@ -58,7 +58,8 @@ __all__ = [
     "load_or_build_concepts",
 ]
 
-CACHE_FORMAT = "fused-concept-sets/2"
+_FORMAT_NAME = "fused-concept-sets"
+CACHE_FORMAT = f"{_FORMAT_NAME}/3"  # /3: adds "checksum"
 
 
 def _checked_mask(content_mask, ids: torch.Tensor) -> torch.Tensor:
@@ -287,51 +288,61 @@ def _build_key(tokenizer, ids, build_kw) -> dict:
     return key
 
 
-def _save_atomic(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_or_build_concepts(path, model, tokenizer, input_ids, **build_kw) -> torch.Tensor:
     """Concept sets for ``input_ids`` from the cache file ``path``, building (and saving) them when needed.
 
-    * ``path`` exists, same :func:`fingerprint`, same options and ids: its sets are returned;
+    * ``path`` exists, intact, same :func:`fingerprint`, same options and ids: its sets are returned;
     * ``path`` exists with another model's fingerprint: ``ValueError`` (the file is left alone);
-    * ``path`` exists for this model but other options or ids: rebuilt and overwritten (with a warning);
-    * otherwise: :func:`build_concept_sets` ``(model, tokenizer, input_ids, **build_kw)``, saved atomically
-      (temporary file in the same folder, then ``os.replace``).
+    * ``path`` holds something that is not a concept cache: ``ValueError`` (the file is left alone);
+    * ``path`` exists for this model but other options or ids, is damaged (unreadable, or its checksum
+      does not match its content) or has an older format: rebuilt and overwritten, with a warning;
+    * otherwise: :func:`build_concept_sets` ``(model, tokenizer, input_ids, **build_kw)``.
+
+    The file is written atomically (a temp file of its own in the same folder, fsync, ``os.replace``):
+    processes building the same path at once each write a complete file and the last one stays.
     """
     path = os.fspath(path)
     ids = as_2d(input_ids)
     fp = fingerprint(model, tokenizer)
     key = _build_key(tokenizer, ids, build_kw)
-    if os.path.exists(path):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"concept cache {path} cannot be read ({exc}); delete it or pass another path") from exc
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{path} is not a fused-concept concept cache ({CACHE_FORMAT}); delete it or pass another path")
-        if data["fingerprint"] != fp:
-            raise ValueError(
-                f"concept cache {path} was built for model {data['fingerprint']}, not {fp}; "
-                "delete it or pass another path"
-            )
-        if data["key"] == key:
-            return data["concepts"].to(ids.device)
-        changed = sorted(name for name in key if data["key"].get(name) != key[name])
-        warnings.warn(f"concept cache {path} was built with other {', '.join(changed)}; rebuilding it", stacklevel=2)
-    concepts = build_concept_sets(model, tokenizer, ids, **build_kw)
-    _save_atomic(path, {"format": CACHE_FORMAT, "fingerprint": fp, "key": key, "concepts": concepts.cpu()})
-    return concepts
+    cached = _read_cache(path, fp, key) if os.path.exists(path) else None
+    if cached is not None:
+        return cached.to(ids.device)
+    concepts = build_concept_sets(model, tokenizer, ids, **build_kw).cpu()
+    content = {"fingerprint": fp, "key": key, "concepts": concepts}
+    save_atomic(path, {"format": CACHE_FORMAT, **content, "checksum": checksum(content)})
+    return concepts.to(ids.device)
+
+
+def _read_cache(path: str, fp: str, key: dict):
+    """The sets stored in the cache file ``path`` when it is intact and was built for model ``fp`` with
+    ``key``; None (after a warning saying why) when it must be rebuilt. Raises for another model's
+    file or a file that is no concept cache (neither is overwritten)."""
+    try:
+        data = load_plain(path, "concept cache")
+    except UnreadableFile as exc:
+        warnings.warn(f"{exc}; rebuilding it", stacklevel=3)
+        return None
+    found = data.get("format") if isinstance(data, dict) else None
+    if not (isinstance(found, str) and found.startswith(_FORMAT_NAME + "/")):
+        raise ValueError(f"{path} is not a fused-concept concept cache ({CACHE_FORMAT}); "
+                         "delete it or pass another path")
+    if found != CACHE_FORMAT:
+        warnings.warn(f"concept cache {path} has the older format {found}, not {CACHE_FORMAT}; rebuilding it",
+                      stacklevel=3)
+        return None
+    content = {name: data.get(name) for name in ("fingerprint", "key", "concepts")}
+    if not (isinstance(content["concepts"], torch.Tensor) and matches(content, data.get("checksum"))):
+        warnings.warn(f"concept cache {path} is damaged (its checksum does not match its content); rebuilding it",
+                      stacklevel=3)
+        return None
+    if content["fingerprint"] != fp:
+        raise ValueError(
+            f"concept cache {path} was built for model {content['fingerprint']}, not {fp}; "
+            "delete it or pass another path"
+        )
+    if content["key"] == key:
+        return content["concepts"]
+    changed = sorted(name for name in key if content["key"].get(name) != key[name])
+    warnings.warn(f"concept cache {path} was built with other {', '.join(changed)}; rebuilding it", stacklevel=3)
+    return None

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -57,6 +58,7 @@ from ._data import (
     split_train_heldout,
     token_chunks,
 )
+from ._durable import UnreadableFile, checksum, load_plain, matches, save_atomic, write_atomic
 from ._recipes import PAPER_SCALE, PAPER_SETTINGS, departures, paper_config, resolve_schedule
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -419,20 +421,27 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 # ============================================================================= resume and checkpoints
 
 
+CHECKPOINT_FORMAT = "fused-concept-checkpoint/1"
+# What a checkpoint holds besides its format and checksum; tensors and plain data only (config and
+# history as dicts and lists), so it loads with torch.load(weights_only=True).
+_CHECKPOINT_FIELDS = ("step", "trainable", "optimizer", "scheduler", "rng_cpu", "rng_cuda", "history", "before",
+                      "config")
+
+
 def _checkpoint_paths(out_dir: str) -> List[str]:
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step-*.pt")))
 
 
 def _resume(config: TrainConfig, trainee: _Trainee, optimizer, scheduler) -> _State:
-    """The state to start from: fresh, or (with --resume) the newest checkpoint in out_dir loaded into
-    the weights, optimizer, scheduler and random number generators."""
+    """The state to start from: fresh, or (with --resume) the newest intact checkpoint in out_dir
+    loaded into the weights, optimizer, scheduler and random number generators."""
     if not config.resume:
         return _State()
     found = _checkpoint_paths(config.out_dir)
     if not found:
         _log(f"--resume: no checkpoint in {config.out_dir}/checkpoints, starting from step 0")
         return _State()
-    saved = _load_checkpoint(found[-1])
+    path, saved = _newest_intact(found)
     _check_resumable(saved["config"], config)
     with torch.no_grad():
         for name, p in trainee.trainable.items():
@@ -442,12 +451,39 @@ def _resume(config: TrainConfig, trainee: _Trainee, optimizer, scheduler) -> _St
     torch.set_rng_state(saved["rng_cpu"])
     if saved["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng_cuda"])
-    _log(f"resumed from {found[-1]} at step {saved['step']}")
+    _log(f"resumed from {path} at step {saved['step']}")
     return _State(saved["step"], saved["history"], saved["before"])
 
 
+def _newest_intact(paths: List[str]) -> Tuple[str, Dict]:
+    """(path, content) of the newest checkpoint that loads and verifies. A damaged one (truncated,
+    garbled, checksum mismatch, another format) is skipped with a warning, so the run resumes from the
+    previous kept one; one holding objects that weights_only refuses stops the run (someone else wrote
+    it). ValueError naming every file when none is intact."""
+    problems = []
+    for path in reversed(paths):
+        try:
+            return path, _load_checkpoint(path)
+        except UnreadableFile as exc:
+            if exc.refused:
+                raise
+            problems.append(str(exc))
+            warnings.warn(f"--resume: {exc}; skipping it", stacklevel=2)
+    raise ValueError("--resume: no checkpoint can be used: " + "; ".join(problems)
+                     + ". Delete the checkpoints folder to start from step 0")
+
+
 def _load_checkpoint(path: str) -> Dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The content of a checkpoint file (`_CHECKPOINT_FIELDS`), read with weights_only=True and checked
+    against its checksum; `UnreadableFile` naming the file when it is damaged or refused."""
+    saved = load_plain(path, "checkpoint")
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise UnreadableFile(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file (found {found!r})", refused=False)
+    content = {name: saved.get(name) for name in _CHECKPOINT_FIELDS}
+    if not matches(content, saved.get("checksum")):
+        raise UnreadableFile(f"checkpoint {path} is damaged: its checksum does not match its content", refused=False)
+    return content
 
 
 def _check_resumable(saved: Dict, config: TrainConfig) -> None:
@@ -461,21 +497,23 @@ def _check_resumable(saved: Dict, config: TrainConfig) -> None:
 
 
 def _save_checkpoint(config: TrainConfig, trainee: _Trainee, optimizer, scheduler, state: _State, keep=2) -> None:
-    """Write out_dir/checkpoints/step-NNNNNN.pt atomically and keep the newest `keep`."""
+    """Write out_dir/checkpoints/step-NNNNNN.pt atomically (tensors and plain data, with their
+    checksum; the temp files of killed writes of it removed) and keep the newest `keep`. A run killed
+    while writing step k's checkpoint resumes from an earlier one, so it writes step k's again."""
     folder = os.path.join(config.out_dir, "checkpoints")
-    os.makedirs(folder, exist_ok=True)
-    payload = {
+    content = {
         "step": state.step,
         "trainable": {name: p.detach().cpu() for name, p in trainee.trainable.items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,  # a CPU run: None
         "history": state.history,
         "before": state.before,
         "config": dataclasses.asdict(config),
     }
-    _atomic_write_bytes(os.path.join(folder, f"step-{state.step:06d}.pt"), lambda h: torch.save(payload, h))
+    save_atomic(os.path.join(folder, f"step-{state.step:06d}.pt"),
+                {"format": CHECKPOINT_FORMAT, **content, "checksum": checksum(content)}, sole_writer=True)
     for old in _checkpoint_paths(config.out_dir)[:-keep]:
         os.remove(old)
 
@@ -485,16 +523,6 @@ def _save_adapters(config: TrainConfig, trainee: _Trainee) -> None:
     `peft.PeftModel.from_pretrained(base_model, path)` (and `python -m fused_concept eval --adapters`)."""
     if trainee.peft is not None:
         trainee.peft.save_pretrained(os.path.join(config.out_dir, "adapters"))
-
-
-def _atomic_write_bytes(path: str, write) -> None:
-    """Write through `write(handle)` into a temp file in the same folder, fsync, then rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ============================================================================= the loop
@@ -723,7 +751,7 @@ def _report(config: TrainConfig, result: Dict, rows: Optional[Dict] = None) -> N
 
 def _write_json(path: str, payload) -> None:
     data = json.dumps(payload, indent=2).encode("utf-8")
-    _atomic_write_bytes(path, lambda h: h.write(data))
+    write_atomic(path, lambda h: h.write(data), sole_writer=True)
 
 
 def _settings_vs_paper(config: TrainConfig) -> str:
@@ -778,10 +806,8 @@ def _plot_curves(path: str, history: List[Dict], before: Dict, after: Dict, titl
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda h: fig.savefig(h, format="png", dpi=110), sole_writer=True)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ============================================================================= evaluation only

@@ -8,16 +8,21 @@ against the previous per-position KV-cached scorer and against a recompute of ev
 The real spaCy model checks the paper's content-word rule and the windowed POS tagging.
 """
 import copy
+import io
 import math
 import os
 import re
+import time
+import warnings
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from fused_concept import _content_words as CW
 from fused_concept import concepts as C
 from fused_concept import hf
+from fused_concept._durable import write_atomic
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -432,6 +437,107 @@ def test_cache_reuse_rebuild_and_refusal(tok, hand_model, tmp_path, monkeypatch)
         C.load_or_build_concepts(junk, hand_model, tok, ids)
     with pytest.raises(TypeError, match="unknown build_concept_sets options"):
         C.load_or_build_concepts(tmp_path / "x.pt", hand_model, tok, ids, topk=3)
+
+
+class _Planted:
+    """Unpickling this runs os.mkdir(path): the stand-in for code hidden in a cache file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def _flip_a_bit_in(path, tensor):
+    raw = bytearray(path.read_bytes())
+    at = raw.find(tensor.numpy().tobytes()) + tensor.numel() * tensor.element_size() // 2
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_or_old_cache_is_rebuilt_with_a_warning(tok, hand_model, tmp_path, monkeypatch):
+    built = []
+    real_build = C.build_concept_sets
+    monkeypatch.setattr(C, "build_concept_sets", lambda *a, **k: built.append(k) or real_build(*a, **k))
+    path = tmp_path / "concepts.pt"
+    ids = ids_of("Ġthe", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat")
+    options = dict(top_k=len(WORDS), nlp=NLP)
+    first = C.load_or_build_concepts(path, hand_model, tok, ids, **options)
+    stored = torch.load(path, weights_only=True)
+    assert len(built) == 1 and stored["format"] == C.CACHE_FORMAT and len(stored["checksum"]) == 64
+    planted = tmp_path / "code-ran"
+    damages = {
+        "truncated": (lambda: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+                      f"concept cache {path} cannot be read, it is truncated or garbled"),
+        "flipped bit": (lambda: _flip_a_bit_in(path, stored["concepts"]),
+                        f"concept cache {path} is damaged (its checksum does not match its content); rebuilding it"),
+        "older format": (lambda: torch.save({**stored, "format": "fused-concept-sets/2"}, path),
+                         f"concept cache {path} has the older format fused-concept-sets/2, not {C.CACHE_FORMAT}"),
+        "planted code": (lambda: torch.save({**stored, "concepts": _Planted(str(planted))}, path),
+                         f"concept cache {path} holds objects other than tensors and plain data"),
+    }
+    for name, (damage, message) in damages.items():
+        damage()
+        with pytest.warns(UserWarning, match=re.escape(message)):
+            again = C.load_or_build_concepts(path, hand_model, tok, ids, **options)
+        assert torch.equal(again, first) and len(built) == 2, name
+        with warnings.catch_warnings():  # the rewritten file verifies: read back silently, not rebuilt
+            warnings.simplefilter("error")
+            assert torch.equal(C.load_or_build_concepts(path, hand_model, tok, ids, **options), first)
+        assert len(built) == 2 and os.listdir(tmp_path) == ["concepts.pt"], name
+        built.pop()
+    assert not planted.exists()
+
+
+def _racing_builder(path, model, tok, ids, options, barrier):
+    """A builder process of the race below: builds, waits for the other, then writes in slow chunks."""
+    torch.set_num_threads(1)  # as a DataLoader worker: no OpenMP team in a forked child
+
+    def slow_save(target, payload):
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = buffer.getvalue()
+        barrier.wait(timeout=60)
+
+        def write(handle):
+            for start in range(0, len(data), len(data) // 16 + 1):
+                handle.write(data[start:start + len(data) // 16 + 1])
+                handle.flush()
+                time.sleep(0.01)
+
+        write_atomic(target, write)
+
+    C.save_atomic = slow_save
+    C.load_or_build_concepts(path, model, tok, ids, **options)
+
+
+def test_concurrent_builders_leave_one_valid_file(tok, hand_model, tmp_path, monkeypatch):
+    """Two processes build the same cache file and write it at the same time, slowly; a reader polling
+    the path meanwhile only ever finds a complete, verified file, and so does the next run."""
+    path = tmp_path / "concepts.pt"
+    ids = ids_of("Ġthe", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat")
+    options = dict(top_k=len(WORDS), nlp=NLP)
+    want = C.build_concept_sets(hand_model, tok, ids, **options)
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_racing_builder, args=(path, hand_model, tok, ids, options, barrier)) for _ in range(2)]
+    with warnings.catch_warnings():  # Python 3.12 warns on fork in a process with threads (torch's)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for proc in procs:
+            proc.start()
+    monkeypatch.setattr(C, "build_concept_sets", lambda *a, **k: pytest.fail("the cache was rebuilt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a damaged file would warn
+        while any(proc.is_alive() for proc in procs):
+            if path.exists():
+                assert torch.equal(C.load_or_build_concepts(path, hand_model, tok, ids, **options), want)
+            time.sleep(0.005)
+        for proc in procs:
+            proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0, 0]
+        assert torch.equal(C.load_or_build_concepts(path, hand_model, tok, ids, **options), want)
+    assert os.listdir(tmp_path) == ["concepts.pt"]  # no temp file left behind
 
 
 def test_heuristic_mask_with_the_smollm2_tokenizer(smol):
