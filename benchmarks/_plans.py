@@ -158,9 +158,15 @@ def cuda_plan(quick):
 def dry_plan(device):
     """The suite's cases at tiny shapes, one repeat each, no tiny-shape pre-warm-up (`gpu_suite.sh
     --dry-run`: the plumbing on the CPU, the Triton cases in Triton's interpreter, the CPU runner's
-    child processes), and one sweep point (the plots)."""
-    return suite_cases(DRY_HEADLINES, DRY_SHAPE_CLASSES, "bfloat16", device, 0, 1, 1, prewarm=False) + [
-        _case("sweep_n", "torch", 256, 64, 1024, HEADLINE_K, "bfloat16", device, 0, 1, prewarm=False)]
+    child processes): the first case of each (implementation, head, softcap or not) in the suite's
+    order, which covers every code path the suite takes in half its cases, and one sweep point (the plots)."""
+    seen, cases = set(), []
+    for case in suite_cases(DRY_HEADLINES, DRY_SHAPE_CLASSES, "bfloat16", device, 0, 1, 1, prewarm=False):
+        kind = (case["impl"], case["head"], case["softcap"] is not None)
+        if kind not in seen:
+            seen.add(kind)
+            cases.append(case)
+    return cases + [_case("sweep_n", "torch", 256, 64, 1024, HEADLINE_K, "bfloat16", device, 0, 1, prewarm=False)]
 
 
 def accuracy_plan(device, dry=False):

@@ -6,7 +6,8 @@ Read top to bottom, as nanoGPT's train.py. `TrainConfig` holds every setting; `t
             sets) -> _setup_trainee (LoRA or every weight, DDP) -> _setup_optimizer
     resume  _resume (newest checkpoint in out_dir, when --resume)
     loop    _evaluate (held-out, before) -> _train_step per optimizer step, _save_checkpoint every N
-    report  _evaluate (held-out, after) -> _result -> _report (metrics.json, table, curves.png)
+    report  _evaluate (held-out, after) -> _result -> _report (metrics.json, table, curves.png: the
+            formats live in _run_output.py)
 
 The logits are never formed. Each micro-batch runs the model WITHOUT its LM head
 (`fused_concept.hf.hidden_and_head`) and hands the final hidden states and the head's weight to
@@ -38,7 +39,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import json
 import math
 import os
 import time
@@ -58,8 +58,9 @@ from ._data import (
     split_train_heldout,
     token_chunks,
 )
-from ._durable import UnreadableFile, checksum, load_plain, matches, save_atomic, write_atomic
+from ._durable import UnreadableFile, checksum, load_plain, matches, save_atomic
 from ._recipes import PAPER_SCALE, PAPER_SETTINGS, departures, paper_config, resolve_schedule
+from ._run_output import format_table, plot_curves, summary, write_json
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -177,7 +178,7 @@ def _job(config, run, model, tokenizer, data, t_start, before=None) -> Dict:
     with _timed(seconds, "evaluate"):
         if state.before is None:
             state.before = _evaluate(config, run, trainee.net, tokenizer, data, rows.setdefault("before", {}))
-            _log("held-out before: " + _summary(state.before))
+            _log("held-out before: " + summary(state.before))
     with _timed(seconds, "train"):
         _train_loop(config, run, trainee, data, optimizer, scheduler, state, accum)
     with _timed(seconds, "evaluate"):
@@ -693,15 +694,6 @@ def _evaluate(config: TrainConfig, run: _Run, model, tokenizer, data: TokenData,
     return metrics
 
 
-def _summary(metrics: Dict) -> str:
-    text = (f"ppl {metrics['heldout.perplexity']:.2f}, content ppl {metrics['heldout.content_perplexity']:.2f}, "
-            f"concept mass {metrics['heldout.concept_mass']:.4f}")
-    if "word_similarity.simlex999.spearman" in metrics:
-        text += (f", SimLex-999 rho {metrics['word_similarity.simlex999.spearman']:.4f}, "
-                 f"WordSim-353 rho {metrics['word_similarity.wordsim353.spearman']:.4f}")
-    return text
-
-
 def _content_words_method(config: TrainConfig, text: Optional[str]) -> str:
     if text is None:
         return "given token data"
@@ -738,76 +730,20 @@ def _report(config: TrainConfig, result: Dict, rows: Optional[Dict] = None) -> N
     """metrics.json (atomically), heldout_rows.json (per-row NLL, for bootstrap intervals), curves.png,
     and the before / after table on stdout."""
     os.makedirs(config.out_dir, exist_ok=True)
-    _write_json(os.path.join(config.out_dir, "metrics.json"), result)
+    write_json(os.path.join(config.out_dir, "metrics.json"), result)
     if rows and all(part.get("nll") for part in rows.values()):
-        _write_json(os.path.join(config.out_dir, "heldout_rows.json"), rows)
+        write_json(os.path.join(config.out_dir, "heldout_rows.json"), rows)
     if config.plot:
-        _plot_curves(os.path.join(config.out_dir, "curves.png"), result["history"], result["before"],
+        plot_curves(os.path.join(config.out_dir, "curves.png"), result["history"], result["before"],
                      result["after"], f"concept objective, lam={config.lam}, margin={config.margin}")
     print(format_table(result["before"], result["after"]), flush=True)
     print(f"wrote {config.out_dir}/metrics.json" + (" and curves.png" if config.plot else "")
           + f" in {result['seconds']['total']:.0f} s", flush=True)
 
 
-def _write_json(path: str, payload) -> None:
-    data = json.dumps(payload, indent=2).encode("utf-8")
-    write_atomic(path, lambda h: h.write(data), sole_writer=True)
-
-
 def _settings_vs_paper(config: TrainConfig) -> str:
     diffs = departures(config)
     return "settings that differ from the paper: " + (", ".join(diffs) if diffs else "none")
-
-
-TABLE_ROWS = (
-    ("perplexity", "heldout.perplexity", "{:.3f}"),
-    ("content-word perplexity", "heldout.content_perplexity", "{:.3f}"),
-    ("non-content perplexity", "heldout.noncontent_perplexity", "{:.3f}"),
-    ("mean concept mass", "heldout.concept_mass", "{:.4f}"),
-    ("concept accuracy", "heldout.concept_accuracy", "{:.4f}"),
-    ("token accuracy", "heldout.token_accuracy", "{:.4f}"),
-    ("SimLex-999 Spearman", "word_similarity.simlex999.spearman", "{:.4f}"),
-    ("WordSim-353 Spearman", "word_similarity.wordsim353.spearman", "{:.4f}"),
-)
-
-
-def format_table(before: Dict, after: Dict) -> str:
-    lines = [f"{'metric':<26}{'before':>12}{'after':>12}{'change':>12}"]
-    for label, key, fmt in TABLE_ROWS:
-        if key in before and key in after:
-            b, a = before[key], after[key]
-            lines.append(f"{label:<26}{fmt.format(b):>12}{fmt.format(a):>12}{(a - b):>+12.4f}")
-    return "\n".join(lines)
-
-
-def _plot_curves(path: str, history: List[Dict], before: Dict, after: Dict, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    panels = [
-        ("loss", "training objective", None),
-        ("ce", "training CE (nats)", ("heldout.perplexity", math.log)),
-        ("mass", "training concept mass", ("heldout.concept_mass", float)),
-    ]
-    for ax, (key, label, held) in zip(axes, panels):
-        ax.plot(steps, [h[key] for h in history], label="train (per step)")
-        if held is not None:
-            metric, transform = held
-            last = steps[-1] if steps else 1
-            ax.scatter([0, last], [transform(before[metric]), transform(after[metric])], color="C3", zorder=3,
-                       label="held-out before / after")
-        ax.set_xlabel("optimizer step")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    write_atomic(path, lambda h: fig.savefig(h, format="png", dpi=110), sole_writer=True)
-    plt.close(fig)
 
 
 # ============================================================================= evaluation only
@@ -837,8 +773,8 @@ def evaluate_run(config: TrainConfig, *, out_dir: str, adapters: Optional[str] =
               "metrics": metrics, "seconds": round(time.time() - t_start, 2)}
     if run.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, "metrics.json"), result)
-        _write_json(os.path.join(out_dir, "heldout_rows.json"), {"eval": rows})
+        write_json(os.path.join(out_dir, "metrics.json"), result)
+        write_json(os.path.join(out_dir, "heldout_rows.json"), {"eval": rows})
         print("\n".join(f"{key:<40}{value:>12.4f}" for key, value in metrics.items()), flush=True)
     return result
 
