@@ -51,12 +51,13 @@ OWNER_CHUNK = tl.constexpr(3)
 
 
 @triton.jit
-def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
+def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap, filter_eps,
                      stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """(dr [BLOCK_M, BLOCK_N] float32, largest softmax probability of the tile); 0 outside N x V."""
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(dr [BLOCK_M, BLOCK_N] float32, keep); 0 outside N x V. With FILTER, keep says whether the tile's
+    largest softmax probability reaches filter_eps, and a dropped tile's dr is 0; without, keep is True."""
     row_ok = rows < N
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
@@ -70,7 +71,11 @@ def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D
     if HAS_SOFTCAP:
         t = acc / softcap  # tanh of the raw logit / softcap
         dz = dz * (1.0 - t * t)
-    return dz, tl.max(tl.max(prob, axis=1), axis=0)
+    keep = True
+    if FILTER:
+        keep = tl.max(tl.max(prob, axis=1), axis=0) >= filter_eps
+        dz = tl.where(keep, dz, 0.0)
+    return dz, keep
 
 
 @triton.jit
@@ -88,12 +93,9 @@ def _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr,
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
-                                stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
-    keep = True
-    if FILTER:
-        keep = pmax >= filter_eps
+    dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+        softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
     if keep:
         if DO_DB:
             tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok)
@@ -147,13 +149,10 @@ def _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, scratch_ptr, N, V
         kept = 0
         for sub in range(0, n_sub):
             cols = (first_tile + g0 + sub) * BLOCK_N + an
-            dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
-                                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
-            if FILTER:
-                dz = tl.where(pmax >= filter_eps, dz, 0.0)
-                kept += (pmax >= filter_eps).to(tl.int32)
-            else:
+            dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+                softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+            if keep:
                 kept += 1
             tl.store(scratch + am[:, None] * (GROUP * BLOCK_N) + (sub * BLOCK_N + an)[None, :], dz.to(op_ty))
         tl.debug_barrier()  # the slab is written by every thread of the program before it is read
@@ -203,13 +202,10 @@ def _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dw_ptr, db_ptr, scratc
             kept = 0
             for sub in range(0, n_sub):
                 rows = (g0 + sub) * BLOCK_M + am
-                dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
-                                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                                            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
-                if FILTER:
-                    dz = tl.where(pmax >= filter_eps, dz, 0.0)
-                    kept += (pmax >= filter_eps).to(tl.int32)
-                else:
+                dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+                    softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+                if keep:
                     kept += 1
                 if DO_DB:
                     db_acc += tl.sum(dz, axis=0)
@@ -250,11 +246,9 @@ def _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, scratch_ptr, keep_ptr, l
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    dz, pmax = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap,
-                                stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
-    if FILTER:
-        dz = tl.where(pmax >= filter_eps, dz, 0.0)
+    dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+        softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
     sparse_rows = tl.zeros((BLOCK_M,), tl.int32)  # rows with a nonzero sparse term in this tile
     if HAS_SPARSE:
         # the sparse terms are exact: added after the filter, in float32, in a fixed order (j)
@@ -267,7 +261,7 @@ def _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, scratch_ptr, keep_ptr, l
     tl.store(scratch_ptr + rows64[:, None] * chunk + cols[None, :], dz.to(scratch_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols < V)[None, :])
     if FILTER:
-        keep = (pmax >= filter_eps) | (tl.max(sparse_rows, axis=0) > 0)
+        keep = keep | (tl.max(sparse_rows, axis=0) > 0)
         tl.store(keep_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
 
 

@@ -90,3 +90,16 @@ def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weig
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def paper_objective_weights(targets, concepts, lam, *, n_valid=None, n_content=None):
+    """The paper's objective as contract_loss's per-row weights with reduction="sum" (concept-loss.md):
+    alpha = (1 - lam) / N_v on content rows and 1 / N_v elsewhere, beta = lam / |T| on content rows, 0 on
+    ignored rows. N_v and |T| are counted from targets / concepts unless given (e.g. over a whole step)."""
+    valid = targets != -100
+    content = valid & (concepts != -1).any(-1)
+    n_valid = int(valid.sum()) if n_valid is None else n_valid
+    n_content = max(int(content.sum()) if n_content is None else n_content, 1)
+    alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double() * valid
+    beta = torch.where(content, lam / n_content, 0.0).double()
+    return dict(ntp_weight=alpha, concept_weight=beta, reduction="sum")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_concept as fc
-from contract import as_float64, contract_loss, rel_err
+from contract import as_float64, contract_loss, paper_objective_weights, rel_err
 
 V, D = 40, 8
 
@@ -33,16 +33,6 @@ def _inputs(seed, n=12, k=3, *, bias=True, probs=False):
     return h, w, b, y, c, p
 
 
-def _objective_rows(y, c, lam):
-    """The paper objective's per-row weights, written out from the contract."""
-    valid = y != -100
-    content = valid & (c != -1).any(-1)
-    n_valid, n_content = int(valid.sum()), max(int(content.sum()), 1)
-    alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double() * valid
-    beta = torch.where(content, lam / n_content, 0.0).double()
-    return dict(ntp_weight=alpha, concept_weight=beta, reduction="sum")
-
-
 # name -> (the function compiled, the same loss from the float64 contract)
 CASES = {
     "concept_loss": (
@@ -51,7 +41,7 @@ CASES = {
     ),
     "concept_objective": (
         lambda h, w, b, y, c, p: fc.concept_objective(h, w, y, c, bias=b, lam=0.3, margin=None),
-        lambda h, w, b, y, c, p: contract_loss(h, w, y, c, bias=b, **_objective_rows(y, c, 0.3))[0],
+        lambda h, w, b, y, c, p: contract_loss(h, w, y, c, bias=b, **paper_objective_weights(y, c, 0.3))[0],
     ),
     "ConceptLoss_soft_rows": (
         lambda h, w, b, y, c, p: _SOFT_ROWS(h, w, y, c, bias=b, concept_probs=p),
@@ -190,7 +180,7 @@ def test_inductor_training_step_of_a_model_calling_the_loss():
 
     ref = copy.deepcopy(model).double()
     ref_loss, _ = contract_loss(ref.trunk(ids), ref.head.weight, y, c, bias=ref.head.bias,
-                                **_objective_rows(y.reshape(-1), c.reshape(14, -1), 0.4))
+                                **paper_objective_weights(y.reshape(-1), c.reshape(14, -1), 0.4))
     ref_loss.backward()
     assert rel_err(loss, ref_loss) < 2e-5
     for (n, p), (_, p64) in zip(model.named_parameters(), ref.named_parameters()):
@@ -220,7 +210,7 @@ def test_cuda_bf16_inductor_training_step(impl):
         assert rel_err(got[n], p.grad.float()) < 2e-2, n
     ref = copy.deepcopy(model).double()
     ref_loss, _ = contract_loss(ref.trunk(ids), ref.head.weight, y, c, bias=ref.head.bias,
-                                **_objective_rows(y.reshape(-1).cpu(), c.reshape(14, -1).cpu(), 0.4))
+                                **paper_objective_weights(y.reshape(-1).cpu(), c.reshape(14, -1).cpu(), 0.4))
     ref_loss.backward()
     assert rel_err(loss.float().cpu(), ref_loss.cpu()) < 2e-2
     for (n, p), (_, p64) in zip(model.named_parameters(), ref.named_parameters()):

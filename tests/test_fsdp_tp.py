@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fused_concept as fc
-from contract import as_float64, contract_loss, rel_err
+from contract import as_float64, contract_loss, paper_objective_weights, rel_err
 
 WORLD = 2
 V, D, K = 37, 8, 3  # V odd: the Shard(0) blocks differ in size (19 + 18)
@@ -45,16 +45,6 @@ def _rows(seed, b=2, t=6, v=V):
     c[1, : 1 + seed % 2] = -1
     c[0, 4, 1] = c[0, 4, 0]
     return ids, y, c
-
-
-def _objective_weights(y, c, lam):
-    """The paper objective as per-row weights of the contract's reduction="sum" (tests/test_hf.py does the same)."""
-    valid = y != -100
-    content = valid & (c != -1).any(-1)
-    n_valid, n_content = int(valid.sum()), max(int(content.sum()), 1)
-    alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double() * valid
-    beta = torch.where(content, lam / n_content, 0.0).double()
-    return dict(ntp_weight=alpha, concept_weight=beta, reduction="sum")
 
 
 def _global_counts(y, c, rank_scale):
@@ -128,7 +118,7 @@ def fsdp_fused_head_trains_like_one_process(rank):
         ids, y, c = (torch.cat(parts) for parts in zip(*batches))
         h = reference.trunk(ids)
         loss, _ = contract_loss(h, reference.head.weight, y, c, bias=reference.head.bias,
-                                **_objective_weights(y, c, lam))
+                                **paper_objective_weights(y, c, lam))
         loss.backward()
         ref_opt.step()
         ref_opt.zero_grad()
@@ -175,7 +165,7 @@ def fsdp_hf_patched_llama_trains_like_one_process(rank):
         labels = torch.where(y == -100, y, ids)
         hidden, weight, bias, cap = hf.hidden_and_head(reference, ids)
         loss, _ = contract_loss(hidden[:, :-1], weight, labels[:, 1:], c[:, 1:], bias=bias, softcap=cap,
-                                **_objective_weights(labels[:, 1:], c[:, 1:], lam))
+                                **paper_objective_weights(labels[:, 1:], c[:, 1:], lam))
         loss.backward()
         ref_opt.step()
         ref_opt.zero_grad()
@@ -222,7 +212,7 @@ def tp_vocab_sharded_head_matches_the_contract(rank):
     hd = distribute_tensor(h.detach(), mesh, [Replicate()])
     wd = distribute_tensor(w.detach(), mesh, [Shard(0)])
     got = fc.concept_objective(hd, wd, y, c, lam=0.3, margin=None)
-    want, _ = contract_loss(h64, w64, y, c, **_objective_weights(y, c, 0.3))
+    want, _ = contract_loss(h64, w64, y, c, **paper_objective_weights(y, c, 0.3))
     assert rel_err(got, want) < 2e-5
 
 

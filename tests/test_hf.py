@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fused_concept
 import fused_concept._models
 from fused_concept import hf
-from contract import contract_loss, rel_err
+from contract import contract_loss, paper_objective_weights, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,14 +175,9 @@ def test_tied_embedding_gets_both_gradients():
 
 def _paper_objective_float64(hidden, weight, bias, cap, targets, concepts, lam, margin, probs=None):
     """The contract's paper objective from contract_loss rows (reduction sum with per-row weights)."""
-    valid = targets != -100
-    content = valid & (concepts != -1).any(-1)
-    n_valid, n_content = int(valid.sum()), int(content.sum())
-    alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double()
-    beta = torch.where(content, lam / max(n_content, 1), 0.0).double()
-    loss, _ = contract_loss(hidden, weight, targets, concepts, bias=bias, ntp_weight=alpha, concept_weight=beta,
-                            margin=margin, reduction="sum", softcap=cap,
-                            mode="marginal" if probs is None else "soft", concept_probs=probs)
+    loss, _ = contract_loss(hidden, weight, targets, concepts, bias=bias, margin=margin, softcap=cap,
+                            mode="marginal" if probs is None else "soft", concept_probs=probs,
+                            **paper_objective_weights(targets, concepts, lam))
     return loss
 
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from contract import contract_loss, rel_err
+from contract import contract_loss, paper_objective_weights, rel_err
 
 transformers = pytest.importorskip("transformers")
 from fused_concept import hf  # noqa: E402
@@ -95,12 +95,8 @@ def _manual_loop(model, examples, lam):
                 loss, _ = contract_loss(hidden[:, :-1], weight, y, bias=bias, softcap=cap, reduction="sum")
                 loss = loss / n_valid
             else:
-                valid = y != -100
-                content = valid & (c != -1).any(-1)
-                alpha = torch.where(content, (1 - lam) / n_valid, 1.0 / n_valid).double() * valid
-                beta = torch.where(content, lam / n_content, 0.0).double()
-                loss, _ = contract_loss(hidden[:, :-1], weight, y, c, bias=bias, softcap=cap, ntp_weight=alpha,
-                                        concept_weight=beta, reduction="sum")
+                loss, _ = contract_loss(hidden[:, :-1], weight, y, c, bias=bias, softcap=cap,
+                                        **paper_objective_weights(y, c, lam, n_valid=n_valid, n_content=n_content))
             loss.backward()
         opt.step()
         opt.zero_grad()
