@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup train test bench fuzz stress
 # setup also puts triton 3.6.0 (the GPU image's) in $(VENV)/triton-3.6.0, apart from the pinned one:
-# tests/test_triton_compile.py compiles every kernel with both
+# tests/backends/test_triton_compile.py compiles every kernel with both
 $(BIN)/.installed: requirements.txt setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
@@ -27,8 +27,8 @@ bench: setup
 
 # property-based tests with many fresh random examples (CI runs a bounded, derandomized budget)
 fuzz: setup
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/core/test_fuzz.py
 
 # start and stop 2-rank CPU training 20 times; every run must exit cleanly (~1 min per run on 2 cores)
 stress: setup
-	$(BIN)/python tests/stress_shutdown.py --runs 20
+	$(BIN)/python tests/training/stress_shutdown.py --runs 20

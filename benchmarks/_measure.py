@@ -200,7 +200,7 @@ def _phase(fn, hidden, weight, targets, concepts, *, backward, device, warmup, r
 
 def _count_tiles(fn, hidden, weight, targets, concepts):
     """TileCount of one forward+backward of a Triton implementation (None for the others)."""
-    from fused_concept._triton_path import count_tiles
+    from fused_concept.backends.triton_path import count_tiles
 
     with count_tiles() as counted:
         fn(hidden, weight, targets, concepts).backward()

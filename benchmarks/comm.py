@@ -9,7 +9,7 @@ prints a Markdown table beside `communication_bytes`' formula (docs/distributed.
 import torch
 import torch.distributed as dist
 
-from fused_concept.distributed import communication_bytes, vocab_parallel_concept_loss
+from fused_concept.parallel import communication_bytes, vocab_parallel_concept_loss
 
 
 def _rank(rank: int, world: int, init_file: str, vocab: int, grid: list, repeats: int, out: str):

@@ -9,7 +9,7 @@ BOS, the paper's content words), side by side in one process, median of ``--repe
   candidates (length-1 steps on a shared view of the prefix's key/value cache), at top-20 and top-100;
 * ``batched``: :func:`fused_concept._candidate_scoring.score_sequence`, all candidates of a sequence in
   one forward with a 4-D mask, at top-100;
-* ``build``: the whole :func:`fused_concept.concepts.build_concept_sets` at top-100 with the POS check.
+* ``build``: the whole :func:`fused_concept.training.concepts.build_concept_sets` at top-100 with the POS check.
 
 Words per second count content words; candidates per second the scored (word, candidate) pairs. Both
 are given per wall-clock second and per CPU second of this process (``time.process_time``): with one
@@ -68,12 +68,13 @@ def per_position_cosines(base, seq, full, positions, candidates):
 
 def _workload(model, tokenizer, sequences: int, top_k: int):
     """Per sequence: (seq, full forward, content positions, candidate ids) as the builder makes them."""
-    from fused_concept._content_words import vocab_of
-    from fused_concept._data import load_text, token_chunks
-    from fused_concept._head import Head, base_model
-    from fused_concept.concepts import _candidates, content_word_mask
+    from fused_concept.training.concepts.content_words import vocab_of
+    from fused_concept.training.data import load_text, token_chunks
+    from fused_concept.integrations.hf.model_head import base_model, model_head
+    from fused_concept.training.concepts import content_word_mask
+    from fused_concept.training.concepts.build import _candidates
 
-    base, head = base_model(model), Head.of(model)
+    base, head = base_model(model), model_head(model)
     ids = token_chunks(tokenizer, load_text(None), 64)[:sequences]
     mask = content_word_mask(tokenizer, ids)
     mask[:, 0] = False
@@ -96,9 +97,10 @@ def _time(fn):
 
 
 def main(argv=None):
-    from fused_concept import concepts, hf
-    from fused_concept._candidate_scoring import score_sequence
-    from fused_concept._head import base_model
+    from fused_concept.training import concepts as concepts
+    from fused_concept.integrations import hf as hf
+    from fused_concept.training.concepts.scoring import score_sequence
+    from fused_concept.integrations.hf.model_head import base_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequences", type=int, default=4)

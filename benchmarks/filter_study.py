@@ -51,8 +51,8 @@ VOCAB_CHUNK = 4096  # ids per pass of the float64 evaluation (a multiple of TILE
 
 def activations(n_tokens: int, seq_len: int = 512):
     """(h [N, D] bf16, W [V, D] bf16, targets [N]): SmolLM2-135M's final hidden states on the default corpus."""
-    from fused_concept._data import default_corpus_text, token_chunks
-    from fused_concept.hf import hidden_and_head, load_default_model
+    from fused_concept.training.data import default_corpus_text, token_chunks
+    from fused_concept.integrations.hf import hidden_and_head, load_default_model
 
     model, tokenizer = load_default_model()
     chunks = token_chunks(tokenizer, default_corpus_text(), seq_len + 1)
@@ -138,9 +138,9 @@ def study(h16, w16, targets, eps_list):
 def interpreter_check(h16, w16, targets, lse32, eps, row_tiles):
     """The keep map of `_dense_grad_kernel` (OWNER_CHUNK, GPU tiles, Triton's interpreter) on the first
     `row_tiles` row tiles over the whole vocabulary, against the torch evaluation of the same test."""
-    from fused_concept._inputs import Canonical
-    from fused_concept._rowmath import RowGrad
-    from fused_concept._triton_path import OWNER_CHUNK, _backward_inputs, _dense_grad
+    from fused_concept.core.inputs import Canonical
+    from fused_concept.core.rowmath import RowGrad
+    from fused_concept.backends.triton_path import OWNER_CHUNK, _backward_inputs, _dense_grad
     from fused_concept.kernels import configs
 
     n = row_tiles * TILE

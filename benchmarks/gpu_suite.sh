@@ -85,11 +85,11 @@ fi
 
 # 2. the Triton kernels against their float64 oracles, on the device (dry run: one case, interpreter)
 if [ "$DRY" = 1 ]; then
-    TESTS=(tests/test_triton_interpret.py -k "small-fp32-marginal")
+    TESTS=(tests/backends/test_triton_interpret.py -k "small-fp32-marginal")
 elif "$PYTHON" -c "import xdist" 2>/dev/null; then
-    TESTS=(tests/test_triton_interpret.py -n 8)  # compiles dominate: 8 processes share the cache
+    TESTS=(tests/backends/test_triton_interpret.py -n 8)  # compiles dominate: 8 processes share the cache
 else
-    TESTS=(tests/test_triton_interpret.py)
+    TESTS=(tests/backends/test_triton_interpret.py)
 fi
 log "tests: ${TESTS[*]} (limit ${TEST_BUDGET_S}s)"
 timeout --signal=TERM --kill-after=10 "$TEST_BUDGET_S" \

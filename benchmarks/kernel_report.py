@@ -5,7 +5,7 @@ without a GPU, and print one JSON object per compiled kernel:
 
 Runs with whichever Triton is importable; to check another version without touching the environment,
 put it first on the path: `pip install --no-deps --target DIR triton==3.6.0` then
-`PYTHONPATH=DIR python -m benchmarks.kernel_report ...` (what `make test` and tests/test_triton_compile.py do).
+`PYTHONPATH=DIR python -m benchmarks.kernel_report ...` (what `make test` and tests/backends/test_triton_compile.py do).
 
 keys: kernel (the @triton.jit function's name), config (dtype and features), launch_config (the
 dispatcher's name for it), arch, triton (version), registers, spill_bytes (ptxas spill stores + loads),

@@ -5,7 +5,7 @@ Implementations (`impl=`):
   "torch"      chunked plain PyTorch; one chunk of logits alive at a time (any device)
   "triton"     fused Triton kernels; logits never stored (CUDA, or the Triton interpreter)
   "auto"       "torch" (measured faster than "triton" on an H200 in every class tried; see
-               _backends.resolve), or "triton" when kernel_options are given and Triton can run
+               dispatch.resolve), or "triton" when kernel_options are given and Triton can run
 """
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from . import _backends
-from ._backends import IMPLS
-from ._inputs import Canonical, prepare
-from ._objective import objective_loss_options
-from ._op import fused_loss
-from ._outputs import ConceptStats, finish
-from ._reference import reference_rows
-from ._rowmath import reduce_rows
+from fused_concept import backends  # noqa: F401  (registers the backends with the seam)
+from fused_concept.core import dispatch
+from fused_concept.core.dispatch import IMPLS
+from fused_concept.core.inputs import Canonical, prepare
+from fused_concept.core.objective import objective_loss_options
+from fused_concept.core.ops import fused_loss
+from fused_concept.core.outputs import ConceptStats, finish
+from fused_concept.core.reference import reference_rows
+from fused_concept.core.rowmath import reduce_rows
 
 
 def _reference_loss(canon: Canonical, reduction: str):
@@ -38,7 +39,7 @@ def _has_dtensor(*tensors) -> bool:
 def _tensor_parallel_loss(hidden, weight, targets, concepts, options: dict, *, impl: str, return_stats: bool,
                           kernel_options: Optional[dict]):
     """DTensor head: the vocab-parallel loss on the mesh's group (distributed.tensor_parallel_blocks)."""
-    from .distributed import tensor_parallel_blocks, vocab_parallel_concept_loss
+    from fused_concept.parallel import tensor_parallel_blocks, vocab_parallel_concept_loss
 
     if kernel_options:
         raise ValueError("kernel_options are not supported with a DTensor (tensor-parallel) head")
@@ -106,8 +107,8 @@ def concept_loss(
         return _tensor_parallel_loss(hidden, weight, targets, concepts, options, impl=impl, return_stats=return_stats,
                                      kernel_options=kernel_options)
     canon = prepare(hidden, weight, targets, concepts, **options)
-    which = _backends.resolve(impl, hidden.device, kernel_options=kernel_options)
-    options = _backends.check_kernel_options(which, kernel_options)
+    which = dispatch.resolve(impl, hidden.device, kernel_options=kernel_options)
+    options = dispatch.check_kernel_options(which, kernel_options)
     if which == "reference":
         loss, stats = _reference_loss(canon, reduction)
     else:

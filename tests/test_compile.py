@@ -1,5 +1,5 @@
 """torch.compile(fullgraph=True) over the fused loss: no graph breaks, the numbers of eager mode and of the
-float64 contract (tests/contract.py), value checks that still raise at run time, and the registered ops'
+float64 contract (tests/helpers/contract.py), value checks that still raise at run time, and the registered ops'
 own consistency (torch.library.opcheck: fake shapes, autograd registration).
 
 Compiling is slow on a 2-core CPU, so the cases are few and tiny: most use backend="aot_eager" (Dynamo +
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_concept as fc
-from contract import as_float64, contract_loss, paper_objective_weights, rel_err
+from helpers.contract import as_float64, contract_loss, paper_objective_weights, rel_err
 
 V, D = 40, 8
 
@@ -99,8 +99,8 @@ def test_bad_ids_raise_the_eager_error_from_compiled_code():
 def test_registered_ops_pass_opcheck():
     """Fake implementations agree with the real ones (shapes, dtypes, strides), the schema and the
     autograd registration are consistent, for the fused and the recomputing backward."""
-    from fused_concept._inputs import prepare
-    from fused_concept._op import _encode, _flat
+    from fused_concept.core.inputs import prepare
+    from fused_concept.core.ops import _encode, _flat
 
     h, w, b, y, c, _ = _inputs(seed=2)
     canon = prepare(h, w, y, c, bias=b, margin=0.5)
@@ -120,7 +120,7 @@ def test_triton_kernels_run_as_the_registered_op_in_compiled_code():
     """impl="triton" inside a compiled function: Dynamo sees one op and its body launches the Triton kernels
     (here in Triton's interpreter on CPU tensors; on CUDA the same op launches them on the GPU)."""
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not fc._backends.interpreting():
+    if not torch.cuda.is_available() and not fc.core.dispatch.interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     h, w, b, y, c, _ = _inputs(seed=3, n=10)

@@ -1,0 +1,1 @@
+"""Integrations with training stacks: ``hf`` (Hugging Face transformers: ``patch``, the Trainer, model loading)."""
