@@ -29,10 +29,11 @@ def _link_checkout_kernels() -> None:
 
 _link_checkout_kernels()
 
+from fused_concept.core.inputs import content_rows  # noqa: E402
 from fused_concept.fused_head import fuse_head, unfuse_head  # noqa: E402
 from fused_concept.loss import ConceptLoss, ConceptStats, concept_loss, concept_objective  # noqa: E402
 
-__all__ = ["concept_loss", "concept_objective", "ConceptLoss", "ConceptStats", "fuse_head", "unfuse_head"]
+__all__ = ["concept_loss", "concept_objective", "ConceptLoss", "ConceptStats", "fuse_head", "unfuse_head", "content_rows"]
 __version__ = "0.1.0"
 
 # subpackages with heavier dependencies load on first use: `fc.hf` (transformers), `fc.parallel`

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fused_concept.head import Head
+from fused_concept.core.inputs import content_rows
 from fused_concept.core.objective import paper_weights
 
 LOSS_OPTIONS = frozenset({"lam", "margin", "impl", "z_loss", "ignore_index", "include_target", "mode"})
@@ -41,7 +42,7 @@ def _content_estimate(targets: Tensor, concepts: Tensor, ignore_index: int, num_
     rows scaled by num_items_in_batch / this batch's valid rows (exact when every micro-batch has the same
     share of content rows; pass num_content for the exact count)."""
     valid = targets != ignore_index
-    content = (valid & (concepts != -1).any(-1)).sum()
+    content = content_rows(targets, concepts, ignore_index).sum()
     return content * torch.as_tensor(num_items_in_batch, device=targets.device) / valid.sum().clamp(min=1)
 
 

@@ -64,6 +64,13 @@ class Canonical:
         return replace(self, weight=weight, bias=bias)
 
 
+def content_rows(targets: Tensor, concepts: Tensor, ignore_index: int = -100) -> Tensor:
+    """The content rows T of docs/math.md ("The paper's objective"): rows whose target counts (is not
+    `ignore_index`) and whose concept row lists at least one id. Bool, shaped like `targets`; `concepts` is
+    `targets.shape + (K,)`, -1 padded. `content_rows(...).sum()` is the |T| that `num_content=` takes."""
+    return (targets != ignore_index) & (concepts != PAD).any(dim=-1)
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_concept.core.inputs import content_rows
+
 
 def paper_weights(targets: Tensor, concepts: Tensor, lam: float, ignore_index: int = -100, *,
                   num_valid=None, num_content=None) -> tuple[Tensor, Tensor]:
@@ -18,7 +20,7 @@ def paper_weights(targets: Tensor, concepts: Tensor, lam: float, ignore_index: i
     valid = flat_t != ignore_index
     if concepts.dim() < 1 or concepts.shape[:-1] != targets.shape:
         raise ValueError(f"concepts must be shaped {tuple(targets.shape)} + (K,), got {tuple(concepts.shape)}")
-    content = valid & (concepts.reshape(flat_t.shape[0], -1) != -1).any(dim=1)
+    content = content_rows(flat_t, concepts.reshape(flat_t.shape[0], -1), ignore_index)
     n_valid = valid.sum() if num_valid is None else torch.as_tensor(num_valid, device=targets.device)
     n_content = content.sum() if num_content is None else torch.as_tensor(num_content, device=targets.device)
     n_valid = n_valid.float().clamp(min=1)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
-from fused_concept.core.inputs import PAD
+from fused_concept.core.inputs import PAD, content_rows
 
 
 def _ragged(name: str, value, length: int, index: int, dtype, fill) -> Tensor:
@@ -81,14 +81,14 @@ class ConceptCollator:
         return sets
 
 
-def content_rows(batch: dict, ignore_index: int = -100) -> Tensor:
-    """Content rows of a collated batch as the patched model counts them: shifted labels that count and whose
+def batch_content_rows(batch: dict, ignore_index: int = -100) -> Tensor:
+    """The number of content rows of a collated batch as the patched model counts them: shifted labels that count and whose
     concept row lists an id (``shift_labels``, when present, are taken as already shifted, with ``concepts``)."""
     if "shift_labels" in batch:
         labels, concepts = batch["shift_labels"], batch["concepts"]
     else:
         labels, concepts = batch["labels"][:, 1:], batch["concepts"][:, 1:]
-    return ((labels != ignore_index) & (concepts != PAD).any(-1)).sum()
+    return content_rows(labels, concepts, ignore_index).sum()
 
 
 class ConceptTrainer(Trainer):
@@ -100,7 +100,7 @@ class ConceptTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if num_items is not None and batches and all("concepts" in b for b in batches):
-            count = sum(content_rows(b) for b in batches).to(device)
+            count = sum(batch_content_rows(b) for b in batches).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
             for b in batches:
