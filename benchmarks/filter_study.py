@@ -149,7 +149,7 @@ def interpreter_check(h16, w16, targets, lse32, eps, row_tiles):
     ones = torch.ones(n)
     canon = Canonical(hidden=h, weight=w, bias=None, targets=y, valid=ones.bool(),
                       set_ids=torch.full((n, 0), -1, dtype=torch.long), has_set=~ones.bool(), soft_ids=None,
-                      soft_weights=None, alpha=ones, beta=ones, lead_shape=torch.Size([n]))
+                      soft_weights=None, ntp_weight=ones, concept_weight=ones, lead_shape=torch.Size([n]))
     coef = torch.full((n,), 1.0 / h16.shape[0])
     grad = RowGrad(lse=lse32[:n], set_lse=torch.full((n,), float("-inf")), coef_dense=coef, coef_target=coef,
                    coef_set=torch.zeros(n))

@@ -53,24 +53,29 @@ def _owner(name: str, **features) -> dict:
 
 def _plan():
     """[(launch config name, dtype class, dtype, feature dict)]: every configuration the dispatcher can
-    choose, each with its features all on (bias, softcap, filter: the most registers), for bf16, fp16
-    and fp32 matrix kernels (bf16 and fp32 for the gather kernels, whose code does not depend on the
-    16-bit format), plus the variants the defaults run: chunk_matmul without skip lists (filter off:
+    choose, each with its features all on (bias, softcap, and the filter or label smoothing, which exclude
+    each other: the most registers), for bf16, fp16 and fp32 matrix kernels (bf16 and fp32 for the gather
+    kernels, whose code does not depend on the 16-bit format), plus the variants the defaults run: chunk_matmul without skip lists (filter off:
     float32's default) and the kernels without bias / softcap."""
     from fused_concept.kernels import configs
 
     plan = []
     for dt in ("16bit-bf16", "16bit-fp16", "fp32"):
         cls = dt.split("-")[0]
-        plan.append(("dense_stats", cls, dt, dict(_FULL)))
-        plan.append(("dense_grad_h", cls, dt, _owner("OWNER_ROWS", DO_DH=True, DO_DW=False, DO_DB=False,
-                                                     FILTER=True, HAS_SPARSE=False, **_FULL)))
-        plan.append(("dense_grad_w", cls, dt, _owner("OWNER_COLUMNS", DO_DH=False, DO_DW=True, DO_DB=True,
-                                                     FILTER=True, HAS_SPARSE=False, **_FULL)))
-        plan.append(("dense_grad_atomic", cls, dt, _owner("OWNER_ATOMIC", DO_DH=True, DO_DW=True, DO_DB=True,
-                                                          FILTER=True, HAS_SPARSE=False, **_FULL)))
-        plan.append(("dense_grad_chunk", cls, dt, _owner("OWNER_CHUNK", DO_DH=False, DO_DW=False, DO_DB=False,
-                                                         FILTER=True, HAS_SPARSE=True, **_FULL)))
+        plan.append(("dense_stats", cls, dt, dict(_FULL, SUM_LOGITS=False, zsum_ptr=None)))
+        plan.append(("dense_stats_smoothing", cls, dt, dict(_FULL, SUM_LOGITS=True)))
+        # the filter and label smoothing exclude each other (the launcher refuses both): two variants
+        smoothing = (False, True) if dt != "16bit-fp16" else (False,)
+        for uniform in smoothing:
+            flags = dict(FILTER=not uniform, HAS_UNIFORM=uniform, **_FULL, **({} if uniform else {"uni_ptr": None}))
+            plan.append(("dense_grad_h", cls, dt, _owner("OWNER_ROWS", DO_DH=True, DO_DW=False, DO_DB=False,
+                                                         HAS_SPARSE=False, **flags)))
+            plan.append(("dense_grad_w", cls, dt, _owner("OWNER_COLUMNS", DO_DH=False, DO_DW=True, DO_DB=True,
+                                                         HAS_SPARSE=False, **flags)))
+            plan.append(("dense_grad_atomic", cls, dt, _owner("OWNER_ATOMIC", DO_DH=True, DO_DW=True, DO_DB=True,
+                                                              HAS_SPARSE=False, **flags)))
+            plan.append(("dense_grad_chunk", cls, dt, _owner("OWNER_CHUNK", DO_DH=False, DO_DW=False, DO_DB=False,
+                                                             HAS_SPARSE=True, **flags)))
         # dH += dR_c @ W_c (A row-major, float32 C) and dW_c = dR_c^T @ H (A a transposed view)
         skips = (True, False) if dt != "16bit-fp16" else (True,)
         for skip in skips:
@@ -85,12 +90,13 @@ def _plan():
         plan.append(("tile_lists", cls, dt, dict(MAX=256)))
     # bf16 without bias and softcap (what most LM heads run): the forward, and the default backwards
     plain = dict(HAS_BIAS=False, HAS_SOFTCAP=False, b_ptr=None)
-    plan.append(("dense_stats", "16bit", "16bit-bf16", plain))
+    no_uniform = dict(HAS_UNIFORM=False, uni_ptr=None)
+    plan.append(("dense_stats", "16bit", "16bit-bf16", dict(plain, SUM_LOGITS=False, zsum_ptr=None)))
     plan.append(("dense_grad_h", "16bit", "16bit-bf16", _owner("OWNER_ROWS", DO_DH=True, DO_DW=False, DO_DB=False,
-                                                               FILTER=True, HAS_SPARSE=False, **plain)))
+                                                               FILTER=True, HAS_SPARSE=False, **plain, **no_uniform)))
     plan.append(("dense_grad_chunk", "16bit", "16bit-bf16", _owner("OWNER_CHUNK", DO_DH=False, DO_DW=False,
                                                                    DO_DB=False, FILTER=True, HAS_SPARSE=True,
-                                                                   **plain)))
+                                                                   **plain, **no_uniform)))
     assert {(k, c) for k, c, _, _ in plan} == set(configs.all_configs(90))
     return plan
 
@@ -102,16 +108,16 @@ def _signature(kernel: str, fp: str, features: dict):
     from fused_concept.kernels import (chunk_matmul, dense_grad, dense_stats, sparse_grad_hidden,
                                        sparse_grad_weight, sparse_logits, tile_lists)
 
-    if kernel == "dense_stats":
+    if kernel.startswith("dense_stats"):
         fn = dense_stats._dense_stats_kernel
-        sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, max_ptr="*fp32", sumexp_ptr="*fp32", arg_ptr="*i64",
+        sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, max_ptr="*fp32", sumexp_ptr="*fp32", arg_ptr="*i64", zsum_ptr="*fp32",
                    N="i32", V="i32", D="i32", chunk="i32", vocab_start="i32", softcap="fp32",
                    stride_hn="i32", stride_hd="i32", stride_wv="i32", stride_wd="i32", stride_b="i32")
         extra = dict(UPCAST=False, DOT_PRECISION="ieee")
     elif kernel.startswith("dense_grad"):
         fn = dense_grad._dense_grad_kernel
         # chunk pass: the chunk buffer dR_c is in the input dtype; sweeps: the scratch slabs too
-        sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, lse_ptr="*fp32", coef_ptr="*fp32", dh_ptr="*fp32",
+        sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, lse_ptr="*fp32", coef_ptr="*fp32", uni_ptr="*fp32", dh_ptr="*fp32",
                    dw_ptr="*fp32", db_ptr="*fp32", scratch_ptr=fp, keep_ptr="*i8", loc_ptr="*i32",
                    sp_ptr="*fp32", J="i32", id_base="i32", N="i32", V="i32", D="i32", chunk="i32",
                    softcap="fp32", filter_eps="fp32",

@@ -36,6 +36,13 @@ _GPU = {
         "16bit": LaunchConfig("16bit", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
         "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
     },
+    # the same kernel with SUM_LOGITS (label smoothing): the extra row accumulator spills 48-64 bytes on
+    # 128 x 128 tiles (fp16, bias + softcap); 64-row tiles on eight warps compile clean at ~180 registers
+    # on sm_80 and sm_90 with both tested Triton versions (four warps spill on sm_80)
+    "dense_stats_smoothing": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+        "fp32": LaunchConfig("fp32", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
+    },
     # the backward kernel, per owner mode (dense_grad.py): _h OWNER_ROWS, _w OWNER_COLUMNS, _atomic
     # OWNER_ATOMIC, _chunk OWNER_CHUNK
     # 128 x 64 logit tiles, 16 per group (the same 1024-deep reduction and slab as 8 x 128): 128 x 128
@@ -118,6 +125,7 @@ ARCHS = (80, 90)
 
 _INTERPRETER = {
     "dense_stats": LaunchConfig("interpret", {"BLOCK_M": 128, "BLOCK_N": 512, "BLOCK_K": 128}, 4, 1),
+    "dense_stats_smoothing": LaunchConfig("interpret", {"BLOCK_M": 128, "BLOCK_N": 512, "BLOCK_K": 128}, 4, 1),
     # small enough that the grouped backward runs several groups, a partial one, and a ragged D
     "dense_grad_h": LaunchConfig("interpret", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_D": 64,
                                                "GROUP": 3}, 4, 1),

@@ -3,7 +3,9 @@
 Formula, with the GLOBAL per-row statistics lse_i and one scalar coefficient c_i per row (coef_dense):
 
     z_iv   = softcap * tanh(r_iv / softcap),   r_iv = h_i . W_v + b_v   (z = r without softcap)
-    dr_iv  = c_i * exp(z_iv - lse_i) * (1 - (z_iv / softcap)^2)         (last factor only with softcap)
+    dr_iv  = (c_i * exp(z_iv - lse_i) - u_i) * (1 - (z_iv / softcap)^2)  (last factor only with softcap;
+                                                                          u_i (coef_uniform) only with
+                                                                          label smoothing: HAS_UNIFORM)
     dH_i  += sum_v dr_iv W_v        dW_v += sum_i dr_iv h_i        db_v += sum_i dr_iv
 
 (the sparse part of the gradient, at the K+1 ids of each row, is added by the sparse kernels, except
@@ -51,10 +53,10 @@ OWNER_CHUNK = tl.constexpr(3)
 
 
 @triton.jit
-def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D, softcap, filter_eps,
+def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, rows, cols, N, V, D, softcap, filter_eps,
                      stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, FILTER: tl.constexpr,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(dr [BLOCK_M, BLOCK_N] float32, keep); 0 outside N x V. With FILTER, keep says whether the tile's
     largest softmax probability reaches filter_eps, and a dropped tile's dr is 0; without, keep is True."""
@@ -68,6 +70,9 @@ def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D
     coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
     prob = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
     dz = coef[:, None] * prob
+    if HAS_UNIFORM:  # label smoothing: the same amount off every id of the vocabulary (0 on rows past N)
+        uni = tl.load(uni_ptr + rows64, mask=row_ok, other=0.0)
+        dz = tl.where(col_ok[None, :], dz - uni[:, None], 0.0)
     if HAS_SOFTCAP:
         t = acc / softcap  # tanh of the raw logit / softcap
         dz = dz * (1.0 - t * t)
@@ -79,11 +84,11 @@ def _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D
 
 
 @triton.jit
-def _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr, N, V, D, softcap, filter_eps,
+def _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dh_ptr, dw_ptr, db_ptr, N, V, D, softcap, filter_eps,
                  stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                  DO_DH: tl.constexpr, DO_DW: tl.constexpr, DO_DB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """OWNER_ATOMIC: one (row tile, vocabulary tile); its dH / dW / db products added with atomics."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,9 +98,9 @@ def _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr,
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+    dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, rows, cols, N, V, D,
         softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
     if keep:
         if DO_DB:
             tl.atomic_add(db_ptr + cols64, tl.sum(dz, axis=0), mask=col_ok)
@@ -121,11 +126,11 @@ def _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr,
 
 
 @triton.jit
-def _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, scratch_ptr, N, V, D, chunk, softcap, filter_eps,
-               stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+def _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dh_ptr, scratch_ptr, N, V, D, chunk, softcap,
+               filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-               GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+               FILTER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """OWNER_ROWS: BLOCK_M rows of the dH partial of vocabulary slice program_id(1), swept in groups."""
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -149,9 +154,9 @@ def _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, scratch_ptr, N, V
         kept = 0
         for sub in range(0, n_sub):
             cols = (first_tile + g0 + sub) * BLOCK_N + an
-            dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+            dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, rows, cols, N, V, D,
                 softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
             if keep:
                 kept += 1
             tl.store(scratch + am[:, None] * (GROUP * BLOCK_N) + (sub * BLOCK_N + an)[None, :], dz.to(op_ty))
@@ -175,11 +180,11 @@ def _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, scratch_ptr, N, V
 
 
 @triton.jit
-def _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dw_ptr, db_ptr, scratch_ptr, N, V, D, softcap, filter_eps,
-                  stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+def _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dw_ptr, db_ptr, scratch_ptr, N, V, D, softcap,
+                  filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                   GROUP: tl.constexpr, DO_DW: tl.constexpr, DO_DB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """OWNER_COLUMNS: persistent; vocabulary tiles pid, pid + P, ... of dW / db, all rows swept in groups."""
     pid0 = tl.program_id(0)
@@ -202,9 +207,9 @@ def _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dw_ptr, db_ptr, scratc
             kept = 0
             for sub in range(0, n_sub):
                 rows = (g0 + sub) * BLOCK_M + am
-                dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+                dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, rows, cols, N, V, D,
                     softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
                 if keep:
                     kept += 1
                 if DO_DB:
@@ -235,20 +240,20 @@ def _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dw_ptr, db_ptr, scratc
 
 
 @triton.jit
-def _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, scratch_ptr, keep_ptr, loc_ptr, sp_ptr, J, id_base,
+def _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, scratch_ptr, keep_ptr, loc_ptr, sp_ptr, J, id_base,
                 N, V, D, chunk, softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, HAS_SPARSE: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, FILTER: tl.constexpr, HAS_SPARSE: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """OWNER_CHUNK: one tile of the chunk's logit gradient dR (sparse terms included) into scratch;
     with FILTER, its entry of the keep map."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, rows, cols, N, V, D,
+    dz, keep = _logit_grad_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, rows, cols, N, V, D,
         softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
     sparse_rows = tl.zeros((BLOCK_M,), tl.int32)  # rows with a nonzero sparse term in this tile
     if HAS_SPARSE:
         # the sparse terms are exact: added after the filter, in float32, in a fixed order (j)
@@ -270,33 +275,35 @@ def _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, scratch_ptr, keep_ptr, l
     "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
     "FILTER": lambda args: args["filter_eps"] > 0,
     "HAS_SPARSE": lambda args: args["J"] > 0,
+    "HAS_UNIFORM": lambda args: args["uni_ptr"] is not None,
 })
 @triton.jit
 def _dense_grad_kernel(
-    h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr, scratch_ptr, keep_ptr, loc_ptr, sp_ptr,
+    h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dh_ptr, dw_ptr, db_ptr, scratch_ptr, keep_ptr, loc_ptr, sp_ptr,
     J, id_base, N, V, D, chunk, softcap, filter_eps,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP: tl.constexpr,
     OWNER: tl.constexpr, DO_DH: tl.constexpr, DO_DW: tl.constexpr, DO_DB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, HAS_SPARSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, FILTER: tl.constexpr,
+    HAS_SPARSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One entry point for the four owner modes (constexpr OWNER); each mode is one device function."""
     if OWNER == OWNER_ATOMIC:
-        _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, dw_ptr, db_ptr, N, V, D, softcap, filter_eps,
-                     stride_hn, stride_hd, stride_wv, stride_wd, stride_b, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D,
-                     DO_DH, DO_DW, DO_DB, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+        _atomic_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dh_ptr, dw_ptr, db_ptr, N, V, D, softcap,
+                     filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                     BLOCK_D, DO_DH, DO_DW, DO_DB, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
     elif OWNER == OWNER_ROWS:
-        _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dh_ptr, scratch_ptr, N, V, D, chunk, softcap, filter_eps,
-                   stride_hn, stride_hd, stride_wv, stride_wd, stride_b, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, GROUP,
-                   HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+        _row_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dh_ptr, scratch_ptr, N, V, D, chunk, softcap,
+                   filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                   BLOCK_D, GROUP, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
     elif OWNER == OWNER_COLUMNS:
-        _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, dw_ptr, db_ptr, scratch_ptr, N, V, D, softcap,
+        _column_sweep(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, dw_ptr, db_ptr, scratch_ptr, N, V, D, softcap,
                       filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
-                      BLOCK_D, GROUP, DO_DW, DO_DB, HAS_BIAS, HAS_SOFTCAP, FILTER, UPCAST, DOT_PRECISION)
+                      BLOCK_D, GROUP, DO_DW, DO_DB, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, UPCAST, DOT_PRECISION)
     else:
         tl.static_assert(OWNER == OWNER_CHUNK)
-        _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, scratch_ptr, keep_ptr, loc_ptr, sp_ptr, J, id_base,
+        _chunk_tile(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, uni_ptr, scratch_ptr, keep_ptr, loc_ptr, sp_ptr, J, id_base,
                     N, V, D, chunk, softcap, filter_eps, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, FILTER, HAS_SPARSE, UPCAST, DOT_PRECISION)
+                    BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, FILTER, HAS_SPARSE, UPCAST,
+                    DOT_PRECISION)

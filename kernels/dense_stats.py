@@ -6,9 +6,10 @@ Formula, for row i and the vocabulary slice s = [s * chunk, min((s + 1) * chunk,
     max_is    = max_{v in s} z_iv
     arg_is    = vocab_start + first v in s with z_iv == max_is
     sumexp_is = sum_{v in s} exp(z_iv - max_is)
+    zsum_is   = sum_{v in s} z_iv                              (SUM_LOGITS only: label smoothing's mean logit)
 
 Grid: (cdiv(N, BLOCK_M), SPLITS). Program (m, s) owns rows [m * BLOCK_M, ...) and slice s, and writes
-its three numbers per row to slot s of the [SPLITS, N] outputs; nothing is shared between programs, so
+its numbers per row to slot s of the [SPLITS, N] outputs; nothing is shared between programs, so
 there are no races and the merge over slices (done by the caller in a fixed order) is deterministic.
 The logit tile h @ W^T is built with `tl.dot` over BLOCK_K-wide slabs of the hidden dimension and is
 never written to memory.
@@ -22,14 +23,16 @@ from .logit_tile import logit_tile
 @triton.heuristics({
     "HAS_BIAS": lambda args: args["b_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
+    "SUM_LOGITS": lambda args: args["zsum_ptr"] is not None,
 })
 @triton.jit
 def _dense_stats_kernel(
-    h_ptr, w_ptr, b_ptr, max_ptr, sumexp_ptr, arg_ptr,
+    h_ptr, w_ptr, b_ptr, max_ptr, sumexp_ptr, arg_ptr, zsum_ptr,
     N, V, D, chunk, vocab_start, softcap,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -43,6 +46,7 @@ def _dense_stats_kernel(
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_M,), tl.float32)
     run_arg = tl.zeros((BLOCK_M,), tl.int64)
+    run_zsum = tl.zeros((BLOCK_M,), tl.float32)
 
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + cols_in_tile
@@ -50,6 +54,8 @@ def _dense_stats_kernel(
         acc = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, softcap,
                          stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
                          BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
+        if SUM_LOGITS:  # columns past V read zero weights (and bias): their logit is exactly 0
+            run_zsum += tl.sum(acc, axis=1)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
 
         # NaN logits (NaN / inf inputs) are left out of max / argmax but reach the sum, so lse is NaN
@@ -67,3 +73,5 @@ def _dense_stats_kernel(
     tl.store(max_ptr + out, run_max, mask=row_ok)
     tl.store(sumexp_ptr + out, run_sum, mask=row_ok)
     tl.store(arg_ptr + out, run_arg + vocab_start, mask=row_ok)
+    if SUM_LOGITS:
+        tl.store(zsum_ptr + out, run_zsum, mask=row_ok)

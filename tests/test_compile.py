@@ -100,10 +100,11 @@ def test_registered_ops_pass_opcheck():
     """Fake implementations agree with the real ones (shapes, dtypes, strides), the schema and the
     autograd registration are consistent, for the fused and the recomputing backward."""
     from fused_concept.core.inputs import prepare
+    from fused_concept.core.options import LossOptions
     from fused_concept.core.ops import _encode, _flat
 
     h, w, b, y, c, _ = _inputs(seed=2)
-    canon = prepare(h, w, y, c, bias=b, margin=0.5)
+    canon = prepare(h, w, y, c, bias=b, options=LossOptions(margin=0.5))
     ops = torch.ops.fused_concept
     torch.library.opcheck(ops.checked_valid_rows.default, (y, c, -100, V))
     for reduction, fuse in (("mean", (True, True, True)), ("none", (False, False, False))):

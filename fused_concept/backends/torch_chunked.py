@@ -97,10 +97,11 @@ def _chunk_stats(z: Tensor, part: Canonical, exp_out: Optional[Tensor] = None):
         soft_dot = (z.gather(1, k_local) * part.soft_weights).masked_fill(~k_in, 0.0).sum(dim=1)
     else:
         soft_dot = torch.zeros_like(best)
+    logit_sum = z.sum(dim=1) if part.label_smoothing else None
     e = torch.sub(z, best[:, None], out=None if exp_out is None else exp_out[: z.shape[0]])
     e.exp_()
     sumexp = e.sum(dim=1)
-    stats = ShardStats(best, arg + vocab_start, best + torch.log(sumexp), target_logit, set_lse, soft_dot)
+    stats = ShardStats(best, arg + vocab_start, best + torch.log(sumexp), target_logit, set_lse, soft_dot, logit_sum)
     return stats, set_logits, e, sumexp
 
 
@@ -134,6 +135,8 @@ def _chunk_dlogits(z: Optional[Tensor], part: Canonical, grad: RowGrad, probs_un
         dz = probs_unnormalised.mul_((grad.coef_dense / row_sums)[:, None])
     else:
         dz = z.sub_(grad.lse[:, None]).exp_().mul_(grad.coef_dense[:, None])
+    if grad.coef_uniform is not None:  # label smoothing: eps / V of the target mass on every id
+        dz.sub_(grad.coef_uniform[:, None])
     dz.scatter_add_(1, t_local[:, None], (-grad.coef_target * t_in)[:, None])
     if q is not None:
         # set ids are unique per row; soft ids may repeat and then add up, as q_v = sum_{k: C_k = v} w_k
@@ -150,7 +153,9 @@ def _chunks(n: int, v: int, chunk_rows: Optional[int], device: torch.device):
 
 
 def _cat_stats(parts) -> ShardStats:
-    return parts[0] if len(parts) == 1 else ShardStats(*(torch.cat(field) for field in zip(*parts)))
+    if len(parts) == 1:
+        return parts[0]
+    return ShardStats(*(None if field[0] is None else torch.cat(field) for field in zip(*parts)))
 
 
 def torch_partial_stats(canon: Canonical, *, chunk_rows: Optional[int] = None) -> ShardStats:

@@ -29,8 +29,9 @@ strategies, one function each (the owner modes of `_dense_grad_kernel` are named
   `_sparse_grad_hidden_kernel` / `_sparse_grad_weight_kernel` pair, pairs sorted by id, no atomics).
 
 filter_eps (a number > 0; "auto", the default, is off: see AUTO_FILTER_EPS for the measurements) drops
-dense tiles whose every softmax probability is below it. All accumulation is float32. d_hidden is returned in float32; d_weight / d_bias
-in the weight's / bias's dtype from the chunked strategy and in float32 from the others.
+dense tiles whose every softmax probability is below it (not with label smoothing, which puts gradient on
+every logit). All accumulation is float32. d_hidden is returned in float32; d_weight / d_bias in the
+weight's / bias's dtype from the chunked strategy and in float32 from the others.
 """
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def triton_partial_stats(canon: Canonical, *, vocab_splits: Optional[int] = None
     dev = hidden.device
     if v == 0:
         raise ValueError("weight has no rows (empty vocabulary shard)")
-    cfg = configs.choose("dense_stats", hidden.dtype, hidden.device)
+    smoothing = bool(canon.label_smoothing)
+    cfg = configs.choose("dense_stats_smoothing" if smoothing else "dense_stats", hidden.dtype, hidden.device)
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     splits = vocab_splits if vocab_splits is not None else _vocab_splits(n, v, bm, bn, dev)
     chunk = triton.cdiv(triton.cdiv(v, max(1, int(splits))), bn) * bn
@@ -159,9 +161,10 @@ def triton_partial_stats(canon: Canonical, *, vocab_splits: Optional[int] = None
     part_max = torch.empty((splits, n), dtype=torch.float32, device=dev)
     part_sum = torch.empty((splits, n), dtype=torch.float32, device=dev)
     part_arg = torch.empty((splits, n), dtype=torch.int64, device=dev)
+    part_zsum = torch.empty((splits, n), dtype=torch.float32, device=dev) if smoothing else None
     if n > 0:
         _dense_stats_kernel[(triton.cdiv(n, bm), splits)](
-            hidden, weight, bias, part_max, part_sum, part_arg,
+            hidden, weight, bias, part_max, part_sum, part_arg, part_zsum,
             n, v, d, chunk, vocab_start, cap,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             0 if bias is None else bias.stride(0),
@@ -181,8 +184,9 @@ def triton_partial_stats(canon: Canonical, *, vocab_splits: Optional[int] = None
     _, target_logit, set_lse, soft_dot = _sparse_logits(
         hidden, weight, bias, ids, soft_weights, set_ids.shape[1], vocab_start=vocab_start, softcap=cap,
         reduce=True, store_z=False)
+    logit_sum = None if part_zsum is None else part_zsum.sum(dim=0)  # slices in order: deterministic
     return ShardStats(max=row_max, argmax=argmax, lse=lse, target_logit=target_logit, set_lse=set_lse,
-                      soft_dot=soft_dot)
+                      soft_dot=soft_dot, logit_sum=logit_sum)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -195,6 +199,7 @@ class _Backward(NamedTuple):
     bias: Optional[Tensor]
     lse: Tensor  # [N] float32, global
     coef_dense: Tensor  # [N] float32
+    coef_uniform: Optional[Tensor]  # [N] float32 (label smoothing: subtracted at every id), or None
     ids: Tensor  # [N, J] int64 global ids: target, concept set, soft ids (-1 pads)
     sparse: Tensor  # [N, J] float32: what each (row, id) adds to dz at that id; 0 outside this shard
     vocab_start: int
@@ -247,8 +252,10 @@ def _backward_inputs(canon: Canonical, grad: RowGrad, filter_eps: float) -> _Bac
     sparse = _signed_sparse_coefs(z, ids, n_set=n_set, soft_weights=canon.soft_weights, vocab_start=canon.vocab_start,
                                   v=canon.weight.shape[0], softcap=cap, set_lse=grad.set_lse.to(torch.float32),
                                   coef_target=grad.coef_target, coef_set=grad.coef_set).contiguous()
+    uniform = None if grad.coef_uniform is None else grad.coef_uniform.to(torch.float32).contiguous()
     return _Backward(canon.hidden, canon.weight, canon.bias, grad.lse.to(torch.float32).contiguous(),
-                     grad.coef_dense.to(torch.float32).contiguous(), ids, sparse, canon.vocab_start, cap, filter_eps)
+                     grad.coef_dense.to(torch.float32).contiguous(), uniform, ids, sparse, canon.vocab_start, cap,
+                     filter_eps)
 
 
 def _dense_grad(b: _Backward, cfg: configs.LaunchConfig, grid, *, owner, weight: Tensor, bias: Optional[Tensor],
@@ -261,7 +268,8 @@ def _dense_grad(b: _Backward, cfg: configs.LaunchConfig, grid, *, owner, weight:
     keep (the tile map) only with OWNER_CHUNK and a filter; loc / sparse only with OWNER_CHUNK."""
     hidden = b.hidden
     _dense_grad_kernel[grid](
-        h_ptr=hidden, w_ptr=weight, b_ptr=bias, lse_ptr=b.lse, coef_ptr=b.coef_dense, dh_ptr=d_hidden,
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias, lse_ptr=b.lse, coef_ptr=b.coef_dense, uni_ptr=b.coef_uniform,
+        dh_ptr=d_hidden,
         dw_ptr=d_weight, db_ptr=d_bias, scratch_ptr=scratch, keep_ptr=keep, loc_ptr=loc, sp_ptr=sparse,
         J=0 if loc is None else loc.shape[1], id_base=id_base, N=hidden.shape[0], V=weight.shape[0],
         D=hidden.shape[1], chunk=chunk, softcap=b.softcap, filter_eps=b.filter_eps,
@@ -483,7 +491,8 @@ def _add_sparse_terms(b: _Backward, grads: ShardGrads) -> None:
     u = seg_id.numel()
     grid = (triton.cdiv(u, c.blocks["BLOCK_U"]), triton.cdiv(d, c.blocks["BLOCK_K"]) if grads.weight is not None else 1)
     _sparse_grad_weight_kernel[grid](
-        h_ptr=hidden, seg_start_ptr=seg_start, seg_id_ptr=seg_id.contiguous(), pair_row_ptr=flat_row[order].contiguous(),
+        h_ptr=hidden, seg_start_ptr=seg_start, seg_id_ptr=seg_id.contiguous(),
+        pair_row_ptr=flat_row[order].contiguous(),
         pair_s_ptr=b.sparse.reshape(-1)[keep][order].contiguous(), dw_ptr=grads.weight, db_ptr=grads.bias,
         U=u, D=d, stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
         DO_DW=grads.weight is not None, DO_DB=grads.bias is not None, num_warps=c.num_warps,
@@ -511,6 +520,10 @@ def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, determi
     if weight_pass not in ("chunked", "sweep"):
         raise ValueError(f'weight_pass must be "chunked" or "sweep", got {weight_pass!r}')
     eps = filter_threshold(filter_eps, canon.hidden.dtype)
+    if eps > 0 and canon.label_smoothing:
+        raise ValueError(f"kernel_options filter_eps={filter_eps!r} cannot be combined with label_smoothing="
+                         f"{canon.label_smoothing}: label smoothing puts gradient on every logit, so no tile may be "
+                         "skipped (leave filter_eps at its default)")
     need_bias = needs.bias and canon.bias is not None
     if canon.num_rows == 0 or not (needs.hidden or needs.weight or need_bias):
         return _empty_grads(canon, needs, chunked=deterministic and weight_pass == "chunked")

@@ -41,7 +41,7 @@ class Backend:
 
     def partial_stats(self, canon: Canonical) -> ShardStats:
         if canon.weight.shape[0] == 0:
-            stats = empty_shard_stats(canon.num_rows, canon.hidden.device)
+            stats = empty_shard_stats(canon.num_rows, canon.hidden.device, logit_sum=canon.label_smoothing > 0)
         else:
             stats = self._partial_stats(canon)
         # the non-finite policy (docs/math.md), applied per shard so that merging spreads it to every rank

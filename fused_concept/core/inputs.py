@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-MODES = ("marginal", "soft")
-REDUCTIONS = ("mean", "sum", "none")
-PAD = -1
+from fused_concept.core.options import LossOptions, RowWeight
 
-RowWeight = Union[float, int, Tensor]
+PAD = -1
 
 
 @dataclass(frozen=True)
@@ -35,13 +33,16 @@ class Canonical:
     has_set: Tensor  # [N] bool: valid row whose concepts list at least one id
     soft_ids: Optional[Tensor]  # [N, K] int64 (soft mode), -1 pads
     soft_weights: Optional[Tensor]  # [N, K] float32 (soft mode), 0 at pads
-    alpha: Tensor  # [N] float32
-    beta: Tensor  # [N] float32
-    lead_shape: torch.Size
+    ntp_weight: Tensor  # [N] float32, the token term's weight per row
+    concept_weight: Tensor  # [N] float32, the concept term's weight per row
+    lead_shape: torch.Size  # the rows' shape as the user passed them (before a shift)
     softcap: Optional[float] = None
     margin: Optional[float] = None
     z_loss: float = 0.0
+    label_smoothing: float = 0.0
     vocab_start: int = 0  # global id of weight's first row
+    vocab_size: int = 0  # the global V (label smoothing spreads eps over all of it)
+    shifted: bool = False  # rows were shifted: the last row of every sequence is dropped from the outputs
 
     @property
     def soft(self) -> bool:
@@ -56,8 +57,8 @@ class Canonical:
         cut = lambda t: None if t is None else t[lo:hi]  # noqa: E731
         return replace(self, hidden=self.hidden[lo:hi], targets=self.targets[lo:hi], valid=self.valid[lo:hi],
                        set_ids=self.set_ids[lo:hi], has_set=self.has_set[lo:hi], soft_ids=cut(self.soft_ids),
-                       soft_weights=cut(self.soft_weights), alpha=self.alpha[lo:hi], beta=self.beta[lo:hi],
-                       lead_shape=torch.Size([hi - lo]))
+                       soft_weights=cut(self.soft_weights), ntp_weight=self.ntp_weight[lo:hi],
+                       concept_weight=self.concept_weight[lo:hi], lead_shape=torch.Size([hi - lo]), shifted=False)
 
     def with_head(self, weight: Tensor, bias: Optional[Tensor]) -> "Canonical":
         """The same rows and options against another head (autograd hands the Function its own views)."""
@@ -69,10 +70,6 @@ def content_rows(targets: Tensor, concepts: Tensor, ignore_index: int = -100) ->
     `ignore_index`) and whose concept row lists at least one id. Bool, shaped like `targets`; `concepts` is
     `targets.shape + (K,)`, -1 padded. `content_rows(...).sum()` is the |T| that `num_content=` takes."""
     return (targets != ignore_index) & (concepts != PAD).any(dim=-1)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_float_tensor(name: str, t, allow_none: bool = False) -> None:
@@ -91,7 +88,9 @@ def _check_int_tensor(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must hold integer token ids, got a tensor of dtype {t.dtype}")
 
 
-def _row_weight(name: str, w: RowWeight, lead_shape: torch.Size, n: int, device) -> Tensor:
+def _row_weight(name: str, w: RowWeight, lead_shape: torch.Size, device, shift: bool) -> Tensor:
+    """A row weight as an [N] float32 tensor (a tensor shaped like targets moves with the targets' shift)."""
+    n = math.prod(lead_shape)
     if isinstance(w, Tensor):
         if w.is_complex() or w.dtype == torch.bool:
             raise TypeError(f"{name} must be a float or a real tensor, got a tensor of dtype {w.dtype}")
@@ -104,7 +103,8 @@ def _row_weight(name: str, w: RowWeight, lead_shape: torch.Size, n: int, device)
             )
         if w.device != device:
             raise ValueError(f"{name} must be on hidden's device {device}, got a tensor on {w.device}")
-        return w.detach().reshape(n).float()
+        w = w.detach().reshape(lead_shape)
+        return (_shifted(w, 0.0, len(lead_shape) - 1) if shift else w).reshape(n).float()
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(w).__name__} {w!r}")
     return torch.full((n,), float(w), dtype=torch.float32, device=device)
@@ -152,29 +152,37 @@ def dedup_rows(ids: Tensor) -> Tensor:
     return ordered.masked_fill(repeat, PAD)
 
 
-def prepare(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    concepts: Optional[Tensor] = None,
-    *,
-    bias: Optional[Tensor] = None,
-    ntp_weight: RowWeight = 1.0,
-    concept_weight: RowWeight = 1.0,
-    margin: Optional[float] = None,
-    mode: str = "marginal",
-    concept_probs: Optional[Tensor] = None,
-    include_target: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    softcap: Optional[float] = None,
-    z_loss: float = 0.0,
-    vocab_size: Optional[int] = None,
-    vocab_start: int = 0,
-) -> Canonical:
-    """Validate the user's inputs (raising TypeError / ValueError that name the culprit) and return
-    the canonical bundle. For a vocabulary shard, `vocab_size` is the global V the ids are checked
-    against and `vocab_start` the global id of the shard's first row; the shard may then hold no rows."""
+def prepare(hidden: Tensor, weight: Tensor, targets: Tensor, concepts: Optional[Tensor] = None, *,
+            bias: Optional[Tensor] = None, concept_probs: Optional[Tensor] = None,
+            options: LossOptions = LossOptions(), vocab_size: Optional[int] = None, vocab_start: int = 0) -> Canonical:
+    """Validate the user's inputs (raising TypeError / ValueError that name the culprit) and return the
+    canonical bundle. For a vocabulary shard, `vocab_size` is the global V the ids are checked against and
+    `vocab_start` the global id of the shard's first row; the shard may then hold no rows."""
+    vocab = _check_head(hidden, weight, bias, vocab_size, vocab_start)
+    _check_devices(hidden.device, weight=weight, bias=bias, targets=targets, concepts=concepts,
+                   concept_probs=concept_probs)
+    lead_shape = hidden.shape[:-1]
+    n = math.prod(lead_shape)
+    flat_targets, flat_concepts = _flat_ids(targets, concepts, concept_probs, lead_shape, options)
+    valid = checked_valid_rows(flat_targets, flat_concepts, options.ignore_index, vocab)
+    has_set = valid & (flat_concepts != PAD).any(dim=1)
+    canon_targets = flat_targets.masked_fill(~valid, PAD)
+    members = flat_concepts.masked_fill(~has_set[:, None], PAD)
+    soft_ids, soft_weights = _soft_inputs(members, concepts, concept_probs, options)
+    return Canonical(
+        hidden=hidden.reshape(n, hidden.shape[-1]), weight=weight, bias=bias, targets=canon_targets.contiguous(),
+        valid=valid, set_ids=_concept_sets(members, canon_targets, has_set, options.include_target), has_set=has_set,
+        soft_ids=soft_ids, soft_weights=soft_weights,
+        ntp_weight=_row_weight("ntp_weight", options.ntp_weight, lead_shape, hidden.device, options.shift),
+        concept_weight=_row_weight("concept_weight", options.concept_weight, lead_shape, hidden.device, options.shift),
+        lead_shape=lead_shape, softcap=None if options.softcap is None else float(options.softcap),
+        margin=None if options.margin is None else float(options.margin), z_loss=float(options.z_loss),
+        label_smoothing=float(options.label_smoothing), vocab_start=int(vocab_start), vocab_size=vocab,
+        shifted=options.shift)
+
+
+def _check_head(hidden, weight, bias, vocab_size: Optional[int], vocab_start: int) -> int:
+    """Types, ranks and sizes of hidden / weight / bias; returns the global vocabulary size V."""
     _check_float_tensor("hidden", hidden)
     _check_float_tensor("weight", weight)
     _check_float_tensor("bias", bias, allow_none=True)
@@ -197,98 +205,66 @@ def prepare(
         raise ValueError(f"a shard of {v_local} rows cannot start at id {vocab_start} of a vocabulary of {vocab}")
     if bias is not None and tuple(bias.shape) != (v_local,):
         raise ValueError(f"bias must be [{v_local}] to match weight, got shape {tuple(bias.shape)}")
-    device = hidden.device
-    for name, t in (("weight", weight), ("bias", bias), ("targets", targets), ("concepts", concepts),
-                    ("concept_probs", concept_probs)):
+    return vocab
+
+
+def _check_devices(device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
         if isinstance(t, Tensor) and t.device != device:
             raise ValueError(f"{name} must be on hidden's device {device}, got a tensor on {t.device}")
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise TypeError(f"margin must be None or a float, got {type(margin).__name__} {margin!r}")
-    if margin is not None and math.isnan(margin):
-        raise ValueError(f"margin must be None or a number (no row's mass is below NaN), got {margin!r}")
-    if softcap is not None and not (_is_number(softcap) and 0 < softcap < math.inf):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
-    if not (_is_number(z_loss) and 0 <= z_loss < math.inf):
-        raise ValueError(f"z_loss must be a non-negative finite float, got {z_loss!r}")
-    if not isinstance(include_target, bool):
-        raise TypeError(f"include_target must be True or False, got {type(include_target).__name__} "
-                        f"{include_target!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
 
-    lead_shape = hidden.shape[:-1]
-    n = 1
-    for s in lead_shape:
-        n *= s
+def _shifted(t: Tensor, fill, seq_dim: int) -> Tensor:
+    """`t` moved one step left along `seq_dim` (position s takes s + 1), `fill` at the end: a copy of the
+    small per-row tensors (ids, weights) so that the hidden states need none."""
+    tail = torch.full_like(t.narrow(seq_dim, 0, min(1, t.shape[seq_dim])), fill)
+    return torch.cat([t.narrow(seq_dim, 1, max(0, t.shape[seq_dim] - 1)), tail], dim=seq_dim)
 
+
+def _flat_ids(targets, concepts, concept_probs, lead_shape, options: LossOptions) -> Tuple[Tensor, Tensor]:
+    """(targets [N] int64, concepts [N, K] int64) after the shape checks (and the shift when asked)."""
     _check_int_tensor("targets", targets)
     if targets.shape != lead_shape:
-        raise ValueError(
-            f"targets must have hidden's leading shape {tuple(lead_shape)}, got {tuple(targets.shape)}"
-        )
-    flat_targets = targets.reshape(n).long()
-
+        raise ValueError(f"targets must have hidden's leading shape {tuple(lead_shape)}, got {tuple(targets.shape)}")
+    n = math.prod(lead_shape)
     if concepts is None:
         if concept_probs is not None:
             raise ValueError("concept_probs weights the ids in concepts, so it needs concepts, got concepts=None")
-        flat_concepts = torch.full((n, 0), PAD, dtype=torch.long, device=device)
-    else:
-        _check_int_tensor("concepts", concepts)
-        if concepts.dim() != len(lead_shape) + 1 or concepts.shape[:-1] != lead_shape:
-            raise ValueError(
-                f"concepts must be shaped {tuple(lead_shape)} + (K,), got {tuple(concepts.shape)}"
-            )
-        flat_concepts = concepts.reshape(n, concepts.shape[-1]).long()
-    valid = checked_valid_rows(flat_targets, flat_concepts, ignore_index, vocab)
+        concepts = torch.full((*lead_shape, 0), PAD, dtype=torch.long, device=targets.device)
+    _check_int_tensor("concepts", concepts)
+    if concepts.dim() != len(lead_shape) + 1 or concepts.shape[:-1] != lead_shape:
+        raise ValueError(f"concepts must be shaped {tuple(lead_shape)} + (K,), got {tuple(concepts.shape)}")
+    if options.shift:
+        seq = len(lead_shape) - 1
+        targets, concepts = _shifted(targets, options.ignore_index, seq), _shifted(concepts, PAD, seq)
+    return targets.reshape(n).long(), concepts.reshape(n, concepts.shape[-1]).long()
 
-    listed = flat_concepts != PAD
-    has_set = valid & listed.any(dim=1)
-    canon_targets = flat_targets.masked_fill(~valid, PAD)
 
-    members = flat_concepts.masked_fill(~has_set[:, None], PAD)
+def _concept_sets(members: Tensor, targets: Tensor, has_set: Tensor, include_target: bool) -> Tensor:
+    """[N, S] deduplicated set ids (the gold id appended when `include_target`), -1 pads; rows without a set
+    are all -1."""
     if include_target and members.shape[1] > 0:
-        gold = canon_targets.masked_fill(~has_set, PAD)[:, None]
-        members = torch.cat([members, gold], dim=1)
-    set_ids = dedup_rows(members).contiguous()
+        members = torch.cat([members, targets.masked_fill(~has_set, PAD)[:, None]], dim=1)
+    return dedup_rows(members).contiguous()
 
-    soft_ids = soft_weights = None
-    if mode == "soft":
-        if concepts is None or concept_probs is None:
-            missing = " and ".join(f"{name}=None" for name, t in (("concepts", concepts),
-                                                                   ("concept_probs", concept_probs)) if t is None)
-            raise ValueError(f'mode="soft" needs both concepts and concept_probs, got {missing}')
-        _check_float_tensor("concept_probs", concept_probs)
-        if concept_probs.shape != concepts.shape:
-            raise ValueError(
-                f"concept_probs must have the shape of concepts {tuple(concepts.shape)}, "
-                f"got {tuple(concept_probs.shape)}"
-            )
-        soft_ids = members[:, : flat_concepts.shape[1]].contiguous()
-        flat_probs = concept_probs.detach().reshape(soft_ids.shape).float()  # explicit K: N may be 0
-        soft_weights = flat_probs.masked_fill(soft_ids == PAD, 0.0).contiguous()
-    elif concept_probs is not None:
-        raise ValueError(f'concept_probs is only used with mode="soft", got mode={mode!r}')
 
-    return Canonical(
-        hidden=hidden.reshape(n, d),
-        weight=weight,
-        bias=bias,
-        targets=canon_targets.contiguous(),
-        valid=valid,
-        set_ids=set_ids,
-        has_set=has_set,
-        soft_ids=soft_ids,
-        soft_weights=soft_weights,
-        alpha=_row_weight("ntp_weight", ntp_weight, lead_shape, n, device),
-        beta=_row_weight("concept_weight", concept_weight, lead_shape, n, device),
-        lead_shape=lead_shape,
-        softcap=None if softcap is None else float(softcap),
-        margin=None if margin is None else float(margin),
-        z_loss=float(z_loss),
-        vocab_start=int(vocab_start),
-    )
+def _soft_inputs(members: Tensor, concepts, concept_probs, options: LossOptions):
+    """(soft_ids [N, K], soft_weights [N, K] float32) in soft mode, else (None, None)."""
+    if options.mode != "soft":
+        if concept_probs is not None:
+            raise ValueError(f'concept_probs is only used with mode="soft", got mode={options.mode!r}')
+        return None, None
+    if concepts is None or concept_probs is None:
+        missing = " and ".join(f"{name}=None" for name, t in (("concepts", concepts),
+                                                               ("concept_probs", concept_probs)) if t is None)
+        raise ValueError(f'mode="soft" needs both concepts and concept_probs, got {missing}')
+    _check_float_tensor("concept_probs", concept_probs)
+    if concept_probs.shape != concepts.shape:
+        raise ValueError(f"concept_probs must have the shape of concepts {tuple(concepts.shape)}, "
+                         f"got {tuple(concept_probs.shape)}")
+    probs = concept_probs.detach()
+    if options.shift:
+        probs = _shifted(probs, 0.0, probs.dim() - 2)
+    soft_ids = members.contiguous()
+    soft_weights = probs.reshape(soft_ids.shape).float()  # explicit K: N may be 0
+    return soft_ids, soft_weights.masked_fill(soft_ids == PAD, 0.0).contiguous()

@@ -28,10 +28,10 @@ from fused_concept.core.outputs import ConceptStats
 from fused_concept.core.rowmath import (Needs, ShardGrads, acc_dtype, grad_coefficients, reduce_rows, row_terms,
                                          upstream_per_row)
 
-# Canonical fields as op arguments, in order: 11 tensors (3 optional) then 4 scalars
+# Canonical fields as op arguments, in order: 11 tensors (3 optional) then 6 scalars
 _TENSOR_FIELDS = ("hidden", "weight", "bias", "targets", "valid", "set_ids", "has_set", "soft_ids", "soft_weights",
-                  "alpha", "beta")
-_SCALAR_FIELDS = ("softcap", "margin", "z_loss", "vocab_start")
+                  "ntp_weight", "concept_weight")
+_SCALAR_FIELDS = ("softcap", "margin", "z_loss", "label_smoothing", "vocab_start", "vocab_size")
 _CANON_ARGS = len(_TENSOR_FIELDS) + len(_SCALAR_FIELDS)
 
 
@@ -71,12 +71,13 @@ def _fake_grads(hidden, weight, bias, wants):
 @torch.library.custom_op("fused_concept::loss_forward", mutates_args=())
 def _loss_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, valid: Tensor, set_ids: Tensor,
-    has_set: Tensor, soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], alpha: Tensor, beta: Tensor,
-    softcap: Optional[float], margin: Optional[float], z_loss: float, vocab_start: int,
+    has_set: Tensor, soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], ntp_weight: Tensor,
+    concept_weight: Tensor, softcap: Optional[float], margin: Optional[float], z_loss: float, label_smoothing: float,
+    vocab_start: int, vocab_size: int,
     backend: str, reduction: str, kernel_options: str, fuse_hidden: bool, fuse_weight: bool, fuse_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    canon = _canonical((hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_weights, alpha, beta,
-                        softcap, margin, z_loss, vocab_start))
+    canon = _canonical((hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_weights, ntp_weight,
+                        concept_weight, softcap, margin, z_loss, label_smoothing, vocab_start, vocab_size))
     chosen = dispatch.get(backend)
     needs = Needs(fuse_hidden, fuse_weight, fuse_bias)
     if needs.any:
@@ -91,8 +92,9 @@ def _loss_forward(
 
 
 @_loss_forward.register_fake
-def _(hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_weights, alpha, beta, softcap, margin,
-      z_loss, vocab_start, backend, reduction, kernel_options, fuse_hidden, fuse_weight, fuse_bias):
+def _(*args):
+    hidden, weight, bias = args[:3]
+    backend, reduction, kernel_options, fuse_hidden, fuse_weight, fuse_bias = args[_CANON_ARGS:]
     n = hidden.shape[0]
     rows = hidden.new_empty(n, dtype=acc_dtype(hidden))
     loss = rows.new_empty(n) if reduction == "none" else rows.new_empty(())
@@ -106,13 +108,14 @@ def _(hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_wei
 @torch.library.custom_op("fused_concept::loss_backward", mutates_args=())
 def _loss_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, valid: Tensor, set_ids: Tensor,
-    has_set: Tensor, soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], alpha: Tensor, beta: Tensor,
-    softcap: Optional[float], margin: Optional[float], z_loss: float, vocab_start: int,
+    has_set: Tensor, soft_ids: Optional[Tensor], soft_weights: Optional[Tensor], ntp_weight: Tensor,
+    concept_weight: Tensor, softcap: Optional[float], margin: Optional[float], z_loss: float, label_smoothing: float,
+    vocab_start: int, vocab_size: int,
     lse: Tensor, set_lse: Tensor, hinge: Tensor, grad_rows: Tensor,
     backend: str, kernel_options: str, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    canon = _canonical((hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_weights, alpha, beta,
-                        softcap, margin, z_loss, vocab_start))
+    canon = _canonical((hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_weights, ntp_weight,
+                        concept_weight, softcap, margin, z_loss, label_smoothing, vocab_start, vocab_size))
     grad = grad_coefficients(grad_rows, canon, lse=lse, set_lse=set_lse, hinge=hinge)
     needs = Needs(need_hidden, need_weight, need_bias and bias is not None)
     grads = dispatch.get(backend).shard_grads(canon, grad, needs, _decode(kernel_options))
@@ -120,9 +123,9 @@ def _loss_backward(
 
 
 @_loss_backward.register_fake
-def _(hidden, weight, bias, targets, valid, set_ids, has_set, soft_ids, soft_weights, alpha, beta, softcap, margin,
-      z_loss, vocab_start, lse, set_lse, hinge, grad_rows, backend, kernel_options, need_hidden, need_weight,
-      need_bias):
+def _(*args):
+    hidden, weight, bias = args[:3]
+    need_hidden, need_weight, need_bias = args[-3:]
     return _fake_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias and bias is not None))
 
 

@@ -20,10 +20,14 @@ class ConceptStats(NamedTuple):
 
 
 def finish(loss: Tensor, stats: ConceptStats, canon: Canonical, *, reduction: str, return_stats: bool):
-    """`loss` (reduced, or [N] rows for reduction="none") and flat [N] stats -> the user's shapes."""
-    shape = canon.lead_shape
+    """`loss` (reduced, or [N] rows for reduction="none") and flat [N] stats -> the user's shapes (without the
+    last position of each sequence when the rows were shifted)."""
+    def shaped(t: Tensor) -> Tensor:
+        t = t.reshape(canon.lead_shape)
+        return t[..., :-1] if canon.shifted else t
+
     if reduction == "none":
-        loss = loss.reshape(shape)
+        loss = shaped(loss)
     if not return_stats:
         return loss
-    return loss, ConceptStats(*(t.reshape(shape) for t in stats))
+    return loss, ConceptStats(*(shaped(t) for t in stats))

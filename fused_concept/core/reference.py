@@ -44,6 +44,7 @@ def reference_rows(canon: Canonical):
         soft_dot = torch.where(listed, picked, torch.zeros_like(picked)).sum(dim=1)
     else:
         soft_dot = torch.zeros_like(lse)
-    stats = ShardStats(best, arg, lse, target_logit, set_lse, soft_dot)
+    logit_sum = z.sum(dim=1) if canon.label_smoothing else None
+    stats = ShardStats(best, arg, lse, target_logit, set_lse, soft_dot, logit_sum)
     terms = row_terms(stats, canon)
     return stats, terms

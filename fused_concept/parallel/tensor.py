@@ -2,6 +2,13 @@
 rows) over a 1-D device mesh runs the vocab-parallel loss on the mesh's process group."""
 from __future__ import annotations
 
+from typing import Optional
+
+from torch import Tensor
+
+from fused_concept.core.options import LossOptions
+from fused_concept.parallel import vocab
+
 
 def _fsdp_hint(weight) -> str:
     return (f"concept_loss got weight as a DTensor (placements {tuple(weight.placements)}) but hidden as a plain "
@@ -37,3 +44,12 @@ def tensor_parallel_blocks(hidden, weight, bias):
         raise ValueError("bias must be None or a DTensor sharded Shard(0) over the weight's device mesh")
     hidden = hidden.redistribute(mesh, [Replicate()]).to_local()
     return hidden, weight.to_local(), None if bias is None else bias.to_local(), mesh.get_group()
+
+
+def tensor_parallel_loss(hidden, weight, targets: Tensor, concepts: Optional[Tensor], *, bias, concept_probs,
+                         options: LossOptions, impl: str, return_stats: bool):
+    """The loss of a DTensor head (`concept_loss` routes here): the vocab-parallel loss on the mesh's group,
+    over this rank's block of the head (`tensor_parallel_blocks`)."""
+    hidden, weight, bias, group = tensor_parallel_blocks(hidden, weight, bias)
+    return vocab.loss_with_options(hidden, weight, targets, concepts, group=group, bias=bias,
+                                   concept_probs=concept_probs, options=options, impl=impl, return_stats=return_stats)

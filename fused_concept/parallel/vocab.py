@@ -45,6 +45,8 @@ from torch import Tensor
 from fused_concept import backends  # noqa: F401  (registers the backends with the seam)
 from fused_concept.core import dispatch
 from fused_concept.core.inputs import Canonical, prepare
+from fused_concept.core.objective import objective_options
+from fused_concept.core.options import LossOptions
 from fused_concept.core.outputs import ConceptStats, finish
 from fused_concept.core.rowmath import Needs, ShardStats, grad_coefficients, reduce_rows, row_terms
 
@@ -151,7 +153,8 @@ def _log_sum_shifted(shift: Tensor, parts: Tensor) -> Tensor:
     return shift + torch.log(parts)
 
 
-def _merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: bool) -> ShardStats:
+def _merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: bool,
+                        with_logit_sum: bool = False) -> ShardStats:
     """Turn each rank's shard statistics into those of the whole vocabulary (same on every rank):
     one MAX all-reduce (packed int64 keys) and one SUM all-reduce (packed float32)."""
     n = stats.max.shape[0]
@@ -176,6 +179,8 @@ def _merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: 
     sums.append(stats.target_logit.float())
     if with_soft:
         sums.append(stats.soft_dot.float())
+    if with_logit_sum:
+        sums.append(stats.logit_sum.float())
     total = torch.cat(sums)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     fields = iter(total.view(len(sums), n).unbind(0))  # (not split(n): no field at all when n = 0)
@@ -183,17 +188,19 @@ def _merge_across_ranks(stats: ShardStats, group, *, with_set: bool, with_soft: 
     set_lse = _log_sum_shifted(set_shift, next(fields)) if with_set else torch.full_like(lse, float("-inf"))
     target_logit = next(fields)
     soft_dot = next(fields) if with_soft else torch.zeros_like(lse)
+    logit_sum = next(fields) if with_logit_sum else None
     return ShardStats(max=gmax, argmax=argmax, lse=lse, target_logit=target_logit, set_lse=set_lse,
-                      soft_dot=soft_dot)
+                      soft_dot=soft_dot, logit_sum=logit_sum)
 
 
 def communication_bytes(n: int, d: int, *, has_sets: bool = True, soft: bool = False,
-                        hidden_grad: bool = True) -> dict:
+                        hidden_grad: bool = True, label_smoothing: bool = False) -> dict:
     """Bytes all-reduced by one forward (+ backward) of `vocab_parallel_concept_loss`, per rank's
     buffer (what each all-reduce call is given; a ring all-reduce moves about twice that over the
-    wire per rank). Independent of V, K and the world size. `has_sets`: concepts with K > 0."""
+    wire per rank). Independent of V, K and the world size. `has_sets`: concepts with K > 0; `label_smoothing`:
+    a label_smoothing > 0 adds the sum of each row's logits to the forward SUM."""
     max_bytes = 8 * n * (2 if has_sets else 1)
-    sum_bytes = 4 * n * (2 + int(has_sets) + int(soft))
+    sum_bytes = 4 * n * (2 + int(has_sets) + int(soft) + int(label_smoothing))
     backward = 4 * n * d if hidden_grad else 0
     return {"forward_max": max_bytes, "forward_sum": sum_bytes, "backward_hidden": backward,
             "total": max_bytes + sum_bytes + backward}
@@ -217,7 +224,8 @@ class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, canon: Canonical, backend: dispatch.Backend, group):
         local = backend.partial_stats(canon)
-        merged = _merge_across_ranks(local, group, with_set=canon.set_ids.shape[1] > 0, with_soft=canon.soft)
+        merged = _merge_across_ranks(local, group, with_set=canon.set_ids.shape[1] > 0, with_soft=canon.soft,
+                                     with_logit_sum=canon.label_smoothing > 0)
         terms = row_terms(merged, canon)
         ctx.canon, ctx.backend, ctx.group = canon, backend, group
         ctx.merged, ctx.hinge = merged, terms.hinge
@@ -250,47 +258,49 @@ class _VocabParallelRows(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 def vocab_parallel_concept_loss(hidden: Tensor, weight_shard: Tensor, targets: Tensor,
-                                concepts: Optional[Tensor] = None, *, group=None,
-                                bias: Optional[Tensor] = None, ntp_weight=1.0, concept_weight=1.0,
-                                margin: Optional[float] = None, mode: str = "marginal",
-                                concept_probs: Optional[Tensor] = None, include_target: bool = True,
-                                ignore_index: int = -100, reduction: str = "mean",
-                                softcap: Optional[float] = None, z_loss: float = 0.0, impl: str = "auto",
-                                return_stats: bool = False):
+                                concepts: Optional[Tensor] = None, *, group=None, bias: Optional[Tensor] = None,
+                                concept_probs: Optional[Tensor] = None, impl: str = "auto",
+                                return_stats: bool = False, **options):
     """`fused_concept.concept_loss` with the head split by vocabulary rows over `group`.
 
     `weight_shard` [V_r, D] (and `bias` [V_r], this rank's slice of the bias) holds global ids
     `vocab_start .. vocab_start + V_r - 1`, where vocab_start is the sum of the block sizes of the
     lower ranks of `group` (None: the default group). Everything else is replicated and uses global
-    ids; ids are validated against V = sum of the block sizes. Options and statistics are those of
-    `concept_loss`; the loss and the statistics (global lse, ce, mass, argmax) are the same on every
-    rank. Backward: d_hidden is all-reduced (the same on every rank), d_weight_shard / d_bias stay local.
+    ids; ids are validated against V = sum of the block sizes. `options` are concept_loss's loss keywords
+    (`LossOptions`: ntp_weight, concept_weight, margin, mode, include_target, ignore_index, reduction, softcap,
+    z_loss, label_smoothing, shift); the loss and the statistics (global lse, ce, mass, argmax) are the same
+    on every rank. Backward: d_hidden is all-reduced (the same on every rank), d_weight_shard / d_bias stay local.
     """
+    return loss_with_options(hidden, weight_shard, targets, concepts, group=group, bias=bias,
+                             concept_probs=concept_probs, options=LossOptions(**options), impl=impl,
+                             return_stats=return_stats)
+
+
+def loss_with_options(hidden: Tensor, weight_shard: Tensor, targets: Tensor, concepts: Optional[Tensor], *, group,
+                      bias: Optional[Tensor], concept_probs: Optional[Tensor], options: LossOptions, impl: str,
+                      return_stats: bool):
+    """`vocab_parallel_concept_loss` with its loss keywords as one `LossOptions`."""
     layout = _exchange(hidden, weight_shard, bias, targets, concepts, group)
     # the replicated inputs are validated against the global V; this rank's block may hold no rows
-    canon = prepare(hidden, weight_shard, targets, concepts, bias=bias, ntp_weight=ntp_weight,
-                    concept_weight=concept_weight, margin=margin, mode=mode, concept_probs=concept_probs,
-                    include_target=include_target, ignore_index=ignore_index, reduction=reduction,
-                    softcap=softcap, z_loss=z_loss, vocab_size=layout.vocab_size, vocab_start=layout.vocab_start)
+    canon = prepare(hidden, weight_shard, targets, concepts, bias=bias, concept_probs=concept_probs, options=options,
+                    vocab_size=layout.vocab_size, vocab_start=layout.vocab_start)
     backend = _backend_for(impl, hidden.device)
     rows, *stats = _VocabParallelRows.apply(canon.hidden, weight_shard, bias, canon, backend, group)
-    loss = reduce_rows(rows, canon.valid, reduction)
-    return finish(loss, ConceptStats(*stats), canon, reduction=reduction, return_stats=return_stats)
+    loss = reduce_rows(rows, canon.valid, options.reduction)
+    return finish(loss, ConceptStats(*stats), canon, reduction=options.reduction, return_stats=return_stats)
 
 
 def vocab_parallel_concept_objective(hidden: Tensor, weight_shard: Tensor, targets: Tensor, concepts: Tensor,
                                      *, group=None, lam: float = 0.5, margin: Optional[float] = 0.6,
-                                     ignore_index: int = -100, impl: str = "auto",
-                                     num_valid: Optional[int] = None, num_content: Optional[int] = None,
-                                     return_stats: bool = False, **options):
-    """`fused_concept.concept_objective` (the paper's objective, contract section "The paper's
-    objective") with the head split over `group`: the per-row weights of
-    `_objective.paper_weights` and reduction "sum". `num_valid` / `num_content` override the local
-    counts N_v and |T| (pass global counts when the batch itself is split across data-parallel ranks)."""
-    from fused_concept.core.objective import objective_loss_options
-
-    loss_options = objective_loss_options("vocab_parallel_concept_objective", "vocab_parallel_concept_loss",
-                                          targets, concepts, lam=lam, margin=margin, ignore_index=ignore_index,
-                                          num_valid=num_valid, num_content=num_content, options=options)
-    return vocab_parallel_concept_loss(hidden, weight_shard, targets, concepts, group=group, impl=impl,
-                                       return_stats=return_stats, **loss_options)
+                                     ignore_index: int = -100, num_valid: Optional[int] = None,
+                                     num_content: Optional[int] = None, bias: Optional[Tensor] = None,
+                                     impl: str = "auto", return_stats: bool = False, **options):
+    """`fused_concept.concept_objective` (the paper's objective, docs/math.md "The paper's objective") with
+    the head split over `group`: the per-row weights of `core.objective.paper_weights` and reduction "sum".
+    `num_valid` / `num_content` override the local counts N_v and |T| (pass global counts when the batch
+    itself is split across data-parallel ranks)."""
+    loss_options = objective_options("vocab_parallel_concept_objective", "vocab_parallel_concept_loss", targets,
+                                     concepts, lam=lam, margin=margin, ignore_index=ignore_index,
+                                     num_valid=num_valid, num_content=num_content, options=options)
+    return loss_with_options(hidden, weight_shard, targets, concepts, group=group, bias=bias, concept_probs=None,
+                             options=loss_options, impl=impl, return_stats=return_stats)

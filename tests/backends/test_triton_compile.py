@@ -90,9 +90,10 @@ def test_no_spills_and_shared_memory_within_limits(rows):
 def test_sm90_matrix_loops_use_hgmma(rows):
     for version, got in rows.items():
         matmul16 = [r for r in got if r["arch"] == 90 and r["matmul"] and r["config"].startswith("16bit")]
-        # (dense_stats, 4 dense_grad owner modes, 2 chunk_matmul layouts with skip lists) x (bf16, fp16)
-        # + 2 bf16 chunk_matmul layouts without + 3 bf16 kernels without bias / softcap
-        assert len(matmul16) == 19, version
+        # (dense_stats with and without the logit sum, 4 dense_grad owner modes with the filter, 2
+        # chunk_matmul layouts with skip lists) x (bf16, fp16) + 4 bf16 owner modes with label smoothing
+        # + 2 bf16 chunk_matmul layouts without skip lists + 3 bf16 kernels without bias / softcap
+        assert len(matmul16) == 25, version
         for r in matmul16:
             assert r["has_hgmma"], f"{r['kernel']} [{r['config']}] has no HGMMA on sm_90 (Triton {version})"
             assert r["wgmma_in_ptx"] > 0

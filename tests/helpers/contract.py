@@ -15,8 +15,15 @@ def as_float64(*tensors):
 
 def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weight=1.0, concept_weight=1.0,
                   margin=None, mode="marginal", concept_probs=None, include_target=True, ignore_index=-100,
-                  reduction="mean", softcap=None, z_loss=0.0):
+                  reduction="mean", softcap=None, z_loss=0.0, label_smoothing=0.0, shift=False):
     """All float tensors must already be float64. Returns (loss, dict of per-row stats)."""
+    if shift:  # "exactly the loss of hidden[..., :-1, :] against targets[..., 1:]"
+        per_token = [x[..., 1:] if isinstance(x, torch.Tensor) and x.shape == targets.shape else x
+                     for x in (ntp_weight, concept_weight)]
+        ntp_weight, concept_weight = per_token
+        hidden, targets = hidden[..., :-1, :], targets[..., 1:]
+        concepts = None if concepts is None else concepts[..., 1:, :]
+        concept_probs = None if concept_probs is None else concept_probs[..., 1:, :]
     lead = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).tolist()
@@ -51,6 +58,8 @@ def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weig
             mass_s.append(0.0)
             continue
         ce = lse - z[y[i]]
+        eps = label_smoothing  # the token term against (1 - eps) onehot(y) + eps / V
+        tok = lse - (1 - eps) * z[y[i]] - eps / z.shape[0] * z.sum() if eps else ce
         listed = [t for t in c[i] if t != -1]
         members = set(listed) | ({y[i]} if include_target and listed else set())
         if members:
@@ -64,7 +73,7 @@ def contract_loss(hidden, weight, targets, concepts=None, *, bias=None, ntp_weig
             cl = cl * hinge
         else:
             mass, cl = 0.0, zero
-        loss = alpha[i] * ce + beta[i] * cl
+        loss = alpha[i] * tok + beta[i] * cl
         if z_loss:
             loss = loss + z_loss * lse ** 2
         rows.append(loss)

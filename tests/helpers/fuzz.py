@@ -125,7 +125,7 @@ def place_margin(case: Case, masses: torch.Tensor, slack: torch.Tensor) -> Optio
     (the hinge is a step: a margin inside a mass's rounding would make the comparison a coin toss)."""
     if case.margin_quantile is None:
         return None
-    points = sorted(set([0.0, 1.5] + masses.tolist()))
+    points = sorted(set([0.0, 1.0] + masses.tolist()))  # a margin is a mass: in (0, 1]
     gaps = [(lo, hi) for lo, hi in zip(points, points[1:])]
     lo, hi = gaps[min(int(case.margin_quantile * len(gaps)), len(gaps) - 1)]
     margin = 0.5 * (lo + hi)

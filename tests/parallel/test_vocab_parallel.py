@@ -36,7 +36,7 @@ FULL_LAYOUTS = ("w3", "w2")  # where the whole option sweep runs
 TIMEOUT_S = 240
 ONLY = os.environ.get("FC_DIST_CASES", "")  # a regex over "layout/case" to run a subset while developing
 
-# every (mode, margin, include_target, reduction); bias, per-row weights, softcap, z_loss rotate
+# every (mode, margin, include_target, reduction); bias, per-row weights, softcap, z_loss, label smoothing rotate
 OPTION_CASES = list(itertools.product(["marginal", "soft"], [None, "cut"], [True, False], ["mean", "sum", "none"]))
 
 
@@ -198,7 +198,8 @@ def _make_option_case(index):
         opts = dict(mode=mode, include_target=include_target, reduction=reduction,
                     ntp_weight=torch.rand(n, generator=g) + 0.5 if per_row else 0.7,
                     concept_weight=torch.rand(n, generator=g) + 0.5 if per_row else 1.3,
-                    softcap=[None, 5.0, 30.0][index % 3], z_loss=[0.0, 1e-3][(index // 3) % 2])
+                    softcap=[None, 5.0, 30.0][index % 3], z_loss=[0.0, 1e-3][(index // 3) % 2],
+                    label_smoothing=[0.0, 0.15][(index // 2) % 2])
         if margin == "cut":
             opts["margin"] = _cut_margin(env, h, w, b, y, c, p, opts)
         check(env, h, w, b, y, c, p, upstream_seed=index, **opts)
@@ -440,8 +441,8 @@ def communication_volume(env):
 
     dist.all_reduce = counting
     try:
-        for k, soft, hidden_grad in ((5, False, True), (9, False, True), (5, True, True), (0, False, True),
-                                     (5, False, False)):
+        for k, soft, hidden_grad, smooth in ((5, False, True, 0), (9, False, True, 0), (5, True, True, 0),
+                                             (0, False, True, 0), (5, False, False, 0), (5, False, True, 0.1)):
             h, w, b, y, c, p = make_inputs(env, 112, n=20, d=12, k=max(k, 3), probs=soft)
             c = c[:, :k]
             p = None if p is None else p[:, :k]
@@ -449,9 +450,10 @@ def communication_volume(env):
             w_r = w[env.block].clone().requires_grad_()
             seen.clear()
             loss = fd.vocab_parallel_concept_loss(h, w_r, y, c, group=env.group, concept_probs=p,
-                                                  mode="soft" if soft else "marginal")
+                                                  mode="soft" if soft else "marginal", label_smoothing=smooth)
             loss.backward()
-            want = fd.communication_bytes(20, 12, has_sets=k > 0, soft=soft, hidden_grad=hidden_grad)
+            want = fd.communication_bytes(20, 12, has_sets=k > 0, soft=soft, hidden_grad=hidden_grad,
+                                          label_smoothing=smooth > 0)
             assert sum(seen) == want["total"], (k, soft, hidden_grad, seen, want)
             assert len(seen) == 2 + int(hidden_grad), seen
     finally:
@@ -572,6 +574,7 @@ def test_communication_bytes_formula():
     got = communication_bytes(1000, 64)
     assert got == {"forward_max": 16000, "forward_sum": 12000, "backward_hidden": 256000, "total": 284000}
     assert communication_bytes(10, 8, has_sets=False, soft=False, hidden_grad=False)["total"] == 80 + 80
+    assert communication_bytes(10, 8, has_sets=False, hidden_grad=False, label_smoothing=True)["total"] == 80 + 120
 
 
 def test_needs_an_initialised_group():

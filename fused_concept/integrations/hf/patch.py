@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from fused_concept.fused_head import check_loss_options, fuse_head, model_logits, unfuse_head
+from fused_concept.fused_head import TrainingLoss, fuse_head, model_logits, unfuse_head
 from fused_concept.integrations.hf.model_head import base_model, head_options, model_head, run_base, unwrap_peft
 
 _PATCH_FLAG = "_fused_concept_patch"
@@ -71,7 +71,7 @@ def patch(model, **loss_options):
     ``loss_options``: ``lam``, ``margin``, ``impl``, ``z_loss``, ``ignore_index``, ``include_target``,
     ``mode``. Works on PEFT-wrapped models too (the inner model is patched).
     """
-    check_loss_options("patch", loss_options)
+    TrainingLoss.of("patch", loss_options)
     inner = unwrap_peft(model)
     base_model(inner)  # fail now, not at the first forward
     model_head(inner)
@@ -130,13 +130,15 @@ def _patched_forward(
         )
 
     outputs, hidden = run_base(self, input_ids, attention_mask, kwargs)
-    hidden_rows, targets, concepts, concept_probs = _aligned_rows(hidden, labels, shift_labels, concepts, concept_probs)
+    targets, shift = _aligned_targets(hidden, labels, shift_labels, concepts, concept_probs)
     head = state["head"]
     if self.get_output_embeddings() is not head:
         raise RuntimeError("the model's LM head was replaced after fused_concept.hf.patch; patch the model again")
-    # the loss runs in the head module's own forward, so FSDP2 gathers its weight as for any call
-    loss = head(hidden_rows, targets, concepts, concept_probs=concept_probs, num_items_in_batch=num_items_in_batch,
-                num_content=num_content)
+    # the loss runs in the head module's own forward, so FSDP2 gathers its weight as for any call; the shift is
+    # the loss's own (shift=True moves the ids, never a copy of the hidden states)
+    move = lambda x: None if x is None else x.to(hidden.device)  # noqa: E731
+    loss = head(hidden, targets, move(concepts), concept_probs=move(concept_probs),
+                num_items_in_batch=num_items_in_batch, num_content=num_content, shift=shift)
     logits = model_logits(head, hidden) if return_logits else None
     output_class, names = state["output_class"], state["output_fields"]
     items = outputs.items() if hasattr(outputs, "items") else ()
@@ -147,15 +149,20 @@ def _patched_forward(
     return result
 
 
-def _aligned_rows(hidden, labels, shift_labels, concepts, concept_probs):
-    """(hidden rows, targets, concepts, concept_probs) with position t predicting token t+1, as
-    transformers' causal-LM loss shifts; `shift_labels` are taken as already shifted."""
-    if shift_labels is not None:
-        return hidden, shift_labels.to(hidden.device), concepts, concept_probs
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
-    shift = lambda t: None if t is None else t[:, 1:].to(hidden.device)  # noqa: E731
-    return hidden[:, :-1], shift(labels), shift(concepts), shift(concept_probs)
+def _aligned_targets(hidden, labels, shift_labels, concepts, concept_probs):
+    """(targets on hidden's device, whether the loss shifts them): `labels` are aligned with input_ids
+    (position t predicts labels[:, t + 1], as transformers' causal-LM loss shifts), `shift_labels` are
+    already shifted. `concepts` / `concept_probs` must be aligned the same way as whichever was given."""
+    given, name = (shift_labels, "shift_labels") if shift_labels is not None else (labels, "labels")
+    if given.shape != hidden.shape[:2]:
+        raise ValueError(f"{name} has shape {tuple(given.shape)}, expected {tuple(hidden.shape[:2])} (batch, sequence "
+                         "of input_ids)")
+    for what, t in (("concepts", concepts), ("concept_probs", concept_probs)):
+        if t is not None and (t.dim() != 3 or t.shape[:2] != given.shape):
+            raise ValueError(f"{what} has shape {tuple(t.shape)}, but hf.patch expects it aligned with {name}: "
+                             f"{tuple(given.shape)} + (K,), {what}[b, t] being the concept set of the token "
+                             f"{name}[b, t]; the model shifts it together with {name}, so pass it unshifted")
+    return given.to(hidden.device), shift_labels is None
 
 
 @torch.no_grad()
