@@ -12,19 +12,22 @@ import sys
 
 
 def _link_checkout_kernels() -> None:
-    """In a plain checkout (no install), `fused_concept.kernels` is the top-level `kernels/` folder, which
-    setup.py installs as `fused_concept.kernels`. Registered here, before anything imports it; importing
-    the package does not import Triton."""
+    """In a checkout (plain, or installed in editable mode), `fused_concept.kernels` is the top-level
+    `kernels/` folder next to this package, which setup.py installs as `fused_concept.kernels`. Registered
+    here, before anything imports it, so each checkout (a git worktree too) runs its own kernels; importing
+    the package does not import Triton. An installed package has the subpackage itself."""
     name = __name__ + ".kernels"
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
-        return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    folder = os.path.join(root, "kernels")
     init = os.path.join(folder, "__init__.py")
-    if os.path.isfile(init):
-        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+    checkout = os.path.isfile(os.path.join(root, "setup.py")) and os.path.isfile(init)
+    if name in sys.modules or os.path.isdir(os.path.join(here, "kernels")) or not checkout:
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 _link_checkout_kernels()
