@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 # subpackages with heavier dependencies load on first use: `fc.hf` (transformers), `fc.parallel`
 # (torch.distributed), and the application's `fc.concepts` / `fc.training`
-_LAZY = {"hf": "fused_concept.integrations.hf", "parallel": "fused_concept.parallel",
+_LAZY = {"hf": "fused_concept.hf", "parallel": "fused_concept.parallel",
          "concepts": "fused_concept.training.concepts", "training": "fused_concept.training"}
 
 
