@@ -271,6 +271,17 @@ def test_shift_labels_are_used_as_given():
         model(input_ids=ids, labels=labels[:, :5])
 
 
+def test_shifted_concepts_are_refused_with_the_expected_alignment():
+    """README's first API block once passed concepts already shifted ([B, T-1, K]) with labels=input_ids:
+    the error names the shape given and the alignment expected, not a shape the user never passed."""
+    model = hf.patch(_make("gpt2"))
+    ids, mask, labels = _batch()
+    concepts = torch.randint(0, 50, (2, 9, 3))
+    with pytest.raises(ValueError, match=r"concepts has shape \(2, 8, 3\).*aligned with labels: \(2, 9\)"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, concepts=concepts[:, 1:])
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=labels, concepts=concepts).loss)
+
+
 def test_without_labels_is_the_original_forward():
     model = _make("gpt2")
     ids, mask, _ = _batch()
