@@ -1,9 +1,9 @@
 """Command line: `python -m fused_concept {train,eval,sweep} [options]` (console script `fused-concept`).
 
-Every option is a field of `fused_concept.train.TrainConfig` (its help text is the field's); with no
-options `train` runs the embedded default job. `--recipe paper` starts from the paper's settings
-(`fused_concept.train.PAPER_SETTINGS`) instead of the default job's; options given explicitly still
-win. Under `torchrun --nproc_per_node=N`, `train` trains with DistributedDataParallel.
+Every option is a field of `fused_concept.training.config.TrainConfig` (its help text is the field's);
+with no options `train` runs the embedded default job. `--recipe paper` starts from the paper's settings
+(recipes/paper.toml, `fused_concept.training.recipes.PAPER_SETTINGS`) instead of the default job's;
+options given explicitly still win. Under `torchrun --nproc_per_node=N`, `train` trains with DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _none_or(kind):
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
-    from fused_concept.training.loop import TrainConfig
+    from fused_concept.training.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for item in dataclasses.fields(TrainConfig):
@@ -41,8 +41,10 @@ def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
         base = next(a for a in args if a is not type(None)) if optional else kind
         parser.add_argument(flag, dest=item.name, type=_none_or(base) if optional else base,
                             default=item.default, help=help_text)
-    parser.add_argument("--recipe", choices=["default", "paper"], default="default",
-                        help="start from the embedded default job's settings or from the paper's (PAPER_SETTINGS)")
+    from fused_concept.training import recipes
+
+    parser.add_argument("--recipe", choices=recipes.names(), default=recipes.DEFAULT,
+                        help="start from the embedded default job's settings or from a recipe's (recipes/*.toml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,12 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
     """Parse, with the --recipe's values as defaults (so options given explicitly win)."""
-    from fused_concept.training.loop import PAPER_SETTINGS, TrainConfig
+    from fused_concept.training import recipes
+    from fused_concept.training.config import TrainConfig
 
     args = parser.parse_args(argv)
-    if args.recipe == "paper":
+    if args.recipe != recipes.DEFAULT:
         sub = parser._subparsers._group_actions[0].choices[args.command]
-        sub.set_defaults(**{k: v for k, v in PAPER_SETTINGS.items() if k in vars(args)})
+        sub.set_defaults(**{k: v for k, v in recipes.settings(TrainConfig, args.recipe).items() if k in vars(args)})
         args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - ({"lam"} if args.command == "sweep" else set())
     options = {k: v for k, v in vars(args).items() if k in fields}
@@ -97,9 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             train(config)
         elif args.command == "eval":
-            from fused_concept.training.loop import evaluate_run
+            from fused_concept.training.evaluate import evaluate_run
 
-            evaluate_run(config, out_dir=args.out, adapters=args.adapters)
+            evaluate_run(dataclasses.replace(config, out_dir=args.out), adapters=args.adapters)
         else:
             from fused_concept.training.sweep import sweep
 

@@ -20,9 +20,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fused_concept.training import loop as train_module
+from fused_concept.training import checkpoints as checkpoint_module
 from fused_concept.training.durable import write_atomic
-from fused_concept.training.loop import CHECKPOINT_FORMAT, TrainConfig, train
+from fused_concept.training.checkpoints import CHECKPOINT_FORMAT
+from fused_concept.training.config import TrainConfig
+from fused_concept.training.loop import train
 from helpers.tiny import small_config, tiny_data, tiny_model
 
 # what a training run imports lazily, imported here once rather than in every forked child (seconds each)
@@ -46,7 +48,7 @@ def _train_child(out_dir, stop_at_save, conn):
     torch.set_num_threads(1)  # as a DataLoader worker: no OpenMP team in a forked child
     warnings.filterwarnings("error", message="--resume")  # atomic writes: no kill may damage a checkpoint
     if stop_at_save is not None:
-        real_save, saves = train_module.save_atomic, []
+        real_save, saves = checkpoint_module.save_atomic, []
 
         def stopping_save(path, payload, **options):
             saves.append(path)
@@ -64,7 +66,7 @@ def _train_child(out_dir, stop_at_save, conn):
 
             write_atomic(path, half_then_wait)
 
-        train_module.save_atomic = stopping_save
+        checkpoint_module.save_atomic = stopping_save
     train(_crash_config(out_dir), model=tiny_model(), data=tiny_data())
 
 

@@ -15,7 +15,9 @@ import torch
 
 from fused_concept.training.cli import build_parser, main
 from fused_concept.training.data import DataError, default_corpus_text, load_text, split_train_heldout
-from fused_concept.training.loop import TrainConfig, _lr_factor, _step_sequences, train
+from fused_concept.training.config import TrainConfig
+from fused_concept.training.loop import step_sequences, train
+from fused_concept.training.run import lr_factor
 from helpers.tiny import SEQ, VOCAB, small_config, tiny_data, tiny_model
 
 def paper_objective_f64(logits, targets, concepts, lam, margin):
@@ -45,9 +47,9 @@ def test_three_steps_match_float64_explicit_logits_training(tmp_path):
     # oracle: the same three steps, full fine-tuning, float64, explicit logits
     params = [p for p in oracle.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     for step in range(3):
-        chosen = _step_sequences(step, config.batch_size, data.train_ids.shape[0], config.seed)
+        chosen = step_sequences(step, config.batch_size, data.train_ids.shape[0], config.seed)
         ids = data.train_ids[chosen]
         logits = oracle(ids[:, :-1]).logits.reshape(-1, VOCAB)
         loss = paper_objective_f64(logits, ids[:, 1:].reshape(-1), data.train_concepts[chosen, 1:].reshape(-1, 3),
@@ -200,8 +202,8 @@ def test_too_short_corpus_names_the_sizes():
 
 
 def test_paper_recipe_and_departures():
-    from fused_concept.training.loop import PAPER_SETTINGS
-    from fused_concept.training.recipes import departures, resolve_schedule
+    from fused_concept.training.config import resolve_schedule
+    from fused_concept.training.recipes import PAPER_SETTINGS, departures
 
     paper = TrainConfig.paper(num_train=24)
     assert departures(paper) == [] and paper.lr == 7e-5 and paper.lora_dropout == 0.2 and paper.seq_len == 256
