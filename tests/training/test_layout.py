@@ -105,6 +105,20 @@ def test_paper_recipe_file_holds_the_papers_settings():
     assert '"fused_concept.training.recipes": ["*.toml"]' in setup_py  # pip install ships the files
 
 
+def test_bad_recipes_name_the_problem(tmp_path):
+    from fused_concept.training import recipes
+    from fused_concept.training.config import TrainConfig
+
+    (tmp_path / "bad.toml").write_text("[settings]\nlearning_rate = 0.01\n")
+    with pytest.raises(recipes.RecipeError, match="unknown setting.*learning_rate"):
+        recipes.settings(TrainConfig, str(tmp_path / "bad.toml"))
+    (tmp_path / "broken.toml").write_text("[settings\n")
+    with pytest.raises(recipes.RecipeError, match="is not valid TOML"):
+        recipes.read(str(tmp_path / "broken.toml"))
+    with pytest.raises(recipes.RecipeError, match="unknown recipe"):
+        recipes.read("nope")
+
+
 # ----------------------------------------------------------------------------- the metrics registry
 
 _NAMES = [  # metrics.json names before the registry existed: they must not change

@@ -276,9 +276,9 @@ def test_eval_command_reproduces_the_run_from_its_adapters(tmp_path):
                          concept_cache=str(tmp_path / "cache"))
     trained = train(config)
     assert trained["after"]["heldout.content_tokens"] > 0 and trained["data"]["seq_len"] == 12
-    evaluated = main(["eval", "--adapters", str(tmp_path / "run" / "adapters"), "--out", str(tmp_path / "eval"),
-                      "--model", config.model, "--data", config.data, "--seq-len", "12", "--num-train", "4",
-                      "--num-heldout", "3", "--top-k", "8", "--no-word-similarity", "--no-progress",
+    evaluated = main(["eval", "--adapters", str(tmp_path / "run" / "adapters"),
+                      "--out-dir", str(tmp_path / "eval"), "--model", config.model, "--data", config.data,
+                      "--seq-len", "12", "--num-heldout", "3", "--top-k", "8", "--no-word-similarity", "--no-progress",
                       "--concept-cache", config.concept_cache])
     assert evaluated == 0
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
