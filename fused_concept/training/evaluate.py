@@ -70,8 +70,8 @@ def evaluate(model, ids: torch.Tensor, concepts: torch.Tensor, *, batch_size: in
     device = device or ids.device
     was_training = model.training
     model.eval()
-    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64)
-    mine = torch.arange(rank, ids.shape[0], world_size)
+    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device="cpu")  # host: added up from .cpu() sums
+    mine = torch.arange(rank, ids.shape[0], world_size, device="cpu")  # indexes the host copy of ids
     for start in range(0, mine.numel(), batch_size):
         index = mine[start : start + batch_size]
         batch, batch_concepts = ids[index].to(device), concepts[index, 1:].to(device)

@@ -123,7 +123,7 @@ def train_loop(config: TrainConfig, run: Run, trainee: Trainee, data: TokenData,
     while state.step < config.steps:
         chosen = step_sequences(state.step, config.batch_size, data.train_ids.shape[0], config.seed)
         num_valid, num_content = row_counts(data.train_ids[chosen], data.train_concepts[chosen])  # all ranks'
-        sums = torch.zeros(3, dtype=torch.float64)  # objective, sum of CE over valid rows, mass over content
+        sums = torch.zeros(3, dtype=torch.float64, device="cpu")  # objective, sum of CE (valid), of mass (content)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             mine, loss_rows = micro_batch_rows(config, run, trainee, chosen, micro)
@@ -178,11 +178,13 @@ def train_loop(config: TrainConfig, run: Run, trainee: Trainee, data: TokenData,
 
 def step_sequences(step: int, batch_size: int, num_train: int, seed: int) -> torch.Tensor:
     """Indices of the training sequences of optimizer step `step`: consecutive slices of a fresh
-    seeded permutation per epoch; a pure function of its arguments (resume-safe)."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    out = torch.empty(batch_size, dtype=torch.long)
+    seeded permutation per epoch; a pure function of its arguments (resume-safe). On the CPU, as the
+    token data it indexes: the batches move to the run's device after indexing."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size, device="cpu")
+    out = torch.empty(batch_size, dtype=torch.long, device="cpu")
     for epoch in positions.div(num_train, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(num_train, generator=generator, device="cpu")
         here = positions.div(num_train, rounding_mode="floor") == epoch
         out[here] = perm[positions[here] % num_train]
     return out
