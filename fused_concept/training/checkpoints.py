@@ -42,17 +42,28 @@ def checkpoint_paths(out_dir: str) -> List[str]:
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step-*.pt")))
 
 
-def resume(config: TrainConfig, trainee: Trainee, optimizer, scheduler) -> State:
-    """The state to start from: fresh, or (with --resume) the newest intact checkpoint in out_dir
-    loaded into the weights, optimizer, scheduler and random number generators."""
+def resume_point(config: TrainConfig) -> Optional[Tuple[str, Dict]]:
+    """With --resume, (path, content) of the newest intact checkpoint in out_dir, checked against
+    `config` (`ConfigError` naming --resume when it was written with other trajectory settings); None
+    when not resuming or when there is none. Read before any slow work, so that a mismatch is refused
+    before the model loads; `resume` applies it once the model and the optimizer exist."""
     if not config.resume:
-        return State()
+        return None
     found = checkpoint_paths(config.out_dir)
     if not found:
         log(f"--resume: no checkpoint in {config.out_dir}/checkpoints, starting from step 0")
-        return State()
+        return None
     path, saved = newest_intact(found)
     check_resumable(saved["config"], config)
+    return path, saved
+
+
+def resume(point: Optional[Tuple[str, Dict]], trainee: Trainee, optimizer, scheduler) -> State:
+    """The state to start from: fresh, or the checkpoint `resume_point` found, loaded into the weights,
+    optimizer, scheduler and random number generators."""
+    if point is None:
+        return State()
+    path, saved = point
     with torch.no_grad():
         for name, p in trainee.trainable.items():
             p.copy_(saved["trainable"][name])
@@ -129,8 +140,10 @@ def save_checkpoint(config: TrainConfig, trainee: Trainee, optimizer, scheduler,
 def save_adapters(config: TrainConfig, trainee: Trainee) -> None:
     """The trained LoRA adapters in PEFT format (`save_pretrained`) in out_dir/adapters, loadable with
     `peft.PeftModel.from_pretrained(base_model, path)` (and `python -m fused_concept eval --adapters`).
-    adapter_config.json names the base model as `run.load_named_model` named it (the --model value, or
-    the embedded model's name). Only q/k/v/o adapters train, so the embedding layers are not saved (and
-    peft need not look for the base model's config to decide that)."""
+    adapter_config.json and the model card name the base model as `run.load_named_model` named it
+    (`run.model_reference`: the --model value as given, or `smollm2` for the embedded default; never a
+    path into the virtualenv), which `eval --adapters` without --model resolves. Only q/k/v/o adapters
+    train, so the embedding layers are not saved (and peft need not look for the base model's config to
+    decide that, which warned)."""
     if trainee.peft is not None:
         trainee.peft.save_pretrained(os.path.join(config.out_dir, "adapters"), save_embedding_layers=False)

@@ -26,14 +26,22 @@ from fused_concept.training.data import DataError
 
 # per-command changes to a field's option: eval must name its output folder; a sweep writes elsewhere
 _OVERRIDES = {
-    EVAL: {"out_dir": dict(required=True, help="output folder: metrics.json, heldout_rows.json")},
+    EVAL: {"out_dir": dict(required=True, help="output folder: metrics.json, heldout_rows.json"),
+           "model": dict(help="base model: a name or path as for train (default: the one the --adapters record, "
+                         "else the embedded SmolLM2-135M GGUF)"),
+           "word_similarity": dict(help="evaluate SimLex-999 / WordSim-353 Spearman")},
     SWEEP: {"out_dir": dict(default="runs/sweep", help="output folder: sweep.md, sweep.json, sweep.png, lam-*/ "
                             "(default: runs/sweep)")},
 }
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the option and the value), not the whole usage text."""
+    """argparse, but a usage error is one line (the option and the value), not the whole usage text, and
+    options must be spelled out (no prefixes: `--thresh 5` is refused, not taken for --threshold)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -111,20 +119,23 @@ def _config(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
     return args, TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _check(args, config: TrainConfig) -> None:
-    """Everything the command will need, refused up front (`ConfigError` / `DataError`)."""
+def _check(args, config: TrainConfig) -> TrainConfig:
+    """Everything the command will need, refused up front (`ConfigError` / `DataError`); returns the config
+    the command runs (for `eval --adapters` without --model: on the base model the adapters record)."""
     from fused_concept.training.data import check_data_argument
 
-    validate(config, args.command)
-    check_data_argument(config.data)
     if args.command == EVAL:
-        from fused_concept.training.run import check_adapters
+        from fused_concept.training.evaluate import eval_config
 
-        check_adapters(args.adapters)
+        config = eval_config(config, args.adapters)
+    else:
+        validate(config, args.command)
     if args.command == SWEEP:
         from fused_concept.training.sweep import check_lams
 
         check_lams(args.lam)
+    check_data_argument(config.data)
+    return config
 
 
 def _run(args, config: TrainConfig) -> None:
@@ -148,8 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args, config = _config(parser, argv)
         command += " " + args.command
-        _check(args, config)
-        _run(args, config)
+        _run(args, _check(args, config))
     except (ConfigError, DataError, recipes.RecipeError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the reason's text holds
         parser.exit(2, f"{command}: error: {message}\n")

@@ -37,8 +37,12 @@ class ConfigError(ValueError):
 
 
 def _shown(value) -> str:
+    """The value as a user would type it: `5` (not 5.0), `none`, a list space-separated."""
     if isinstance(value, (list, tuple)):
         return " ".join(_shown(v) for v in value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
     return "none" if value is None else str(value)
 
 

@@ -17,6 +17,7 @@ chunks are the training part, the last chunks the held-out part, so the two neve
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -115,7 +116,8 @@ def _read_datasets_name(name: str) -> str:
 
 def check_data_argument(data: Optional[str]) -> None:
     """Refuse a ``--data`` value that cannot name a corpus, without reading it: ``DataError`` when it is
-    empty, a directory, a file of an unsupported type, or a path to a file that does not exist."""
+    empty, a directory, a file of an unsupported type, a path to a file that does not exist, or a dataset
+    name without the ``datasets`` package to load it."""
     if data is None:
         return
     if not isinstance(data, str) or not data.strip():
@@ -126,8 +128,16 @@ def check_data_argument(data: Optional[str]) -> None:
     if os.path.exists(data):
         if not lower.endswith((".txt", ".jsonl")):
             raise DataError(f"--data {data}: unsupported file type; use a .txt or .jsonl file")
-    elif lower.endswith((".txt", ".jsonl", ".json")) or os.sep in data or data.startswith("."):
+    elif lower.endswith((".txt", ".jsonl", ".json")) or _looks_like_a_path(data):
         raise DataError(f"--data {data}: file not found")
+    elif importlib.util.find_spec("datasets") is None:
+        raise DataError(f"--data {data}: no such file, and the `datasets` package (needed to load a dataset by "
+                        "name) is not installed; pass a .txt or .jsonl file")
+
+
+def _looks_like_a_path(data: str) -> bool:
+    """A path rather than a dataset name ("name" or "org/name")."""
+    return data.startswith(("/", ".", "~")) or data.count("/") > 1 or (os.sep != "/" and os.sep in data)
 
 
 def load_text(data: Optional[str]) -> str:

@@ -20,7 +20,8 @@ from fused_concept import content_rows
 from fused_concept.training import metrics as registry
 from fused_concept.training.metrics import SUM_FIELDS, SUMS, Rows, metrics_from_sums
 
-__all__ = ["evaluate", "evaluate_heldout", "evaluate_run", "metric_sums", "metrics_from_sums", "SUM_FIELDS"]
+__all__ = ["evaluate", "evaluate_heldout", "evaluate_run", "eval_config", "metric_sums", "metrics_from_sums",
+           "SUM_FIELDS"]
 
 
 def metric_sums(stats, targets: torch.Tensor, concepts: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -113,37 +114,56 @@ def evaluate_heldout(config, run, model, tokenizer, data, rows: Optional[Dict] =
     return metrics
 
 
+def eval_config(config, adapters: Optional[str] = None):
+    """The config the `eval` command runs, refused up front with `ConfigError`: --adapters must be a run's
+    adapters/ folder; without --model the base model is the one they record (`run.with_adapters_base_model`);
+    every option `eval` shows follows its rule."""
+    from fused_concept.training.config import EVAL, validate
+    from fused_concept.training.run import with_adapters_base_model
+
+    config = with_adapters_base_model(config, adapters)
+    validate(config, EVAL)
+    return config
+
+
 def evaluate_run(config, *, adapters: Optional[str] = None) -> Dict:
     """`python -m fused_concept eval`: the held-out metrics and word similarity of the model `config`
-    names, with the PEFT adapters saved by a run (`RUN/adapters`) when `adapters` is given, on the
-    held-out part `config`'s data options define (its concept sets from the shared cache, built from the
-    base model as in training). Writes `config.out_dir`/metrics.json and heldout_rows.json."""
+    names (with --adapters and no --model: the base model the adapters record), with the PEFT adapters
+    saved by a run (`RUN/adapters`) when `adapters` is given, on the held-out part `config`'s data options
+    define (its concept sets from the shared cache, built from the base model as in training). Writes
+    `config.out_dir`/metrics.json and heldout_rows.json."""
     from fused_concept.training import run as setup
-    from fused_concept.training.config import EVAL, fields_of, validate
+    from fused_concept.training.config import EVAL, fields_of
     from fused_concept.training.data import TokenData, load_text
     from fused_concept.training.report import content_words_method, model_description, print_metrics, write_json
 
     t_start = time.time()
-    validate(config, EVAL)
-    setup.check_adapters(adapters)
-    run = setup.start_run(config)
-    text = load_text(config.data)
-    model, tokenizer = setup.setup_model(config, run, None, None)
-    heldout_ids = setup.heldout_part(config, text, tokenizer)
-    data = TokenData(heldout_ids[:0], None, heldout_ids,
-                     setup.concept_sets(config, run, model, tokenizer, "heldout", heldout_ids))
-    if adapters is not None:
-        model = setup.load_adapters(model, adapters).to(run.device)
-    rows = {}
-    metrics = evaluate_heldout(config, run, model, tokenizer, data, rows)
-    used = {item.name: getattr(config, item.name) for item in fields_of(EVAL)}
-    result = {"model": model_description(config), "adapters": adapters,
-              "content_words": content_words_method(config, text), "config": used, "metrics": metrics,
-              "seconds": round(time.time() - t_start, 2)}
-    if run.rank == 0:
-        os.makedirs(config.out_dir, exist_ok=True)
-        write_json(os.path.join(config.out_dir, "metrics.json"), result)
-        write_json(os.path.join(config.out_dir, "heldout_rows.json"), {"eval": rows})
-        print_metrics(metrics)
-    setup.end_run(run, finished=True)
-    return result
+    config = eval_config(config, adapters)
+    recorded = setup.recorded_base_model(adapters) if adapters is not None else None
+    if recorded is not None and not setup.same_model(recorded, config.model):
+        setup.log(f"note: the adapters record base model {recorded}; evaluating them on --model "
+                  f"{setup.model_reference(config.model)}")
+    run, finished = setup.start_run(config), False
+    try:
+        text = load_text(config.data)
+        model, tokenizer = setup.setup_model(config, run, None, None)
+        heldout_ids = setup.heldout_part(config, text, tokenizer)
+        data = TokenData(heldout_ids[:0], None, heldout_ids,
+                         setup.concept_sets(config, run, model, tokenizer, "heldout", heldout_ids))
+        if adapters is not None:
+            model = setup.load_adapters(model, adapters).to(run.device)
+        rows = {}
+        metrics = evaluate_heldout(config, run, model, tokenizer, data, rows)
+        used = {item.name: getattr(config, item.name) for item in fields_of(EVAL)}
+        result = {"model": model_description(config), "adapters": adapters,
+                  "content_words": content_words_method(config, text), "config": used, "metrics": metrics,
+                  "seconds": round(time.time() - t_start, 2)}
+        if run.rank == 0:
+            os.makedirs(config.out_dir, exist_ok=True)
+            write_json(os.path.join(config.out_dir, "metrics.json"), result)
+            write_json(os.path.join(config.out_dir, "heldout_rows.json"), {"eval": rows})
+            print_metrics(metrics)
+        finished = True
+        return result
+    finally:
+        setup.end_run(run, finished)

@@ -4,7 +4,8 @@ Read top to bottom, as nanoGPT's train.py. `train(config)` runs the job:
 
     setup   run.start_run (process group, device) -> run.setup_model -> run.setup_data (token chunks,
             concept sets) -> run.setup_trainee (LoRA or every weight, DDP) -> run.setup_optimizer
-    resume  checkpoints.resume (newest checkpoint in out_dir, when --resume)
+    resume  checkpoints.resume_point (newest checkpoint in out_dir, when --resume; read and checked first)
+            -> checkpoints.resume (loaded once the model and optimizer exist)
     loop    evaluate (held-out, before) -> `train_loop`: every optimizer step in its body
     report  evaluate (held-out, after) -> report.result -> report.write_outputs (metrics.json, table,
             curves.png) -> checkpoints.save_adapters
@@ -44,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fused_concept import concept_objective, content_rows
-from fused_concept.training.checkpoints import State, resume, save_adapters, save_checkpoint
+from fused_concept.training.checkpoints import State, resume, resume_point, save_adapters, save_checkpoint
 from fused_concept.training.config import TrainConfig, resolve_schedule, validate
 from fused_concept.training.data import TokenData, load_text
 from fused_concept.training.evaluate import evaluate_heldout
@@ -80,7 +81,8 @@ def _job(config: TrainConfig, run: Run, model, tokenizer, data, before, t_start:
     accum = micro_batches_per_step(config, run.world)
     seconds = dict.fromkeys(("load_model", "concepts", "evaluate", "train"), 0.0)
     given_data = data is not None
-    text = None if given_data else load_text(config.data)  # first: a bad --data fails before the slow load
+    point = resume_point(config)  # first: a checkpoint written with other settings, or a bad --data,
+    text = None if given_data else load_text(config.data)  # fails before the slow model load
 
     with timed(seconds, "load_model"):
         model, tokenizer = setup_model(config, run, model, tokenizer)
@@ -90,7 +92,7 @@ def _job(config: TrainConfig, run: Run, model, tokenizer, data, before, t_start:
                  is_default_job=config.model is None and config.data is None and not given_data)
     trainee = setup_trainee(config, run, model)
     optimizer, scheduler = setup_optimizer(config, trainee)
-    state = resume(config, trainee, optimizer, scheduler)
+    state = resume(point, trainee, optimizer, scheduler)
     state.before = state.before or before
 
     rows = {}  # per-row held-out NLL, for paired bootstrap intervals between runs

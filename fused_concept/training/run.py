@@ -8,8 +8,10 @@ returns the final hidden states and the head's weight, bias and softcap for the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import warnings
@@ -20,10 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_concept.training.config import DEFAULT_MODEL_NAME, ConfigError, TrainConfig, check_batches
+from fused_concept.training.config import DEFAULT_MODEL_NAME, ConfigError, TrainConfig, check_batches, model_name
 from fused_concept.training.data import TokenData, heldout_chunks, split_train_heldout, token_chunks
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_MODEL_REFERENCE = "smollm2"  # how adapters record the embedded default model (--model accepts it)
 
 
 def is_rank0() -> bool:
@@ -123,10 +126,38 @@ def load_named_model(config: TrainConfig, **model_kw):
     except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("model", config.model, f"cannot be loaded: {reason}") from exc
-    # the name peft writes into adapter_config.json: as the user gave it, not the folder it was read from
-    # (for the embedded default, a path inside the virtualenv)
-    model.name_or_path = config.model or DEFAULT_MODEL_NAME
+    # what peft writes into adapter_config.json (model.name_or_path) and the model card (config's): a
+    # portable reference, not the folder the weights were read from (for the default, inside the virtualenv)
+    model.name_or_path = model.config.name_or_path = model_reference(config.model)
     return model, tokenizer
+
+
+def model_reference(model: Optional[str]) -> str:
+    """How a run's adapters record their base model: `DEFAULT_MODEL_REFERENCE` (which --model accepts) for
+    the embedded default, also when --model names its GGUF file; otherwise the --model value as given."""
+    return DEFAULT_MODEL_REFERENCE if is_default_model(model) else model
+
+
+def same_model(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two model references name the same model: both the embedded default, or the same text."""
+    return (is_default_model(a) and is_default_model(b)) or a == b
+
+
+def is_default_model(reference: Optional[str]) -> bool:
+    """Whether `reference` names the embedded SmolLM2 GGUF: none, default / smollm2, the name runs record
+    for it, its file, or the package folder older runs recorded (a path inside the virtualenv)."""
+    if reference is None or reference.strip().lower() in ("default", DEFAULT_MODEL_REFERENCE,
+                                                            DEFAULT_MODEL_NAME.lower()):
+        return True
+    if not reference.strip():
+        return False
+    try:
+        from fused_concept.integrations.hf import default_gguf_path
+
+        gguf = os.path.realpath(default_gguf_path())
+    except (ImportError, FileNotFoundError):
+        return False
+    return os.path.realpath(reference) in (gguf, os.path.dirname(gguf))
 
 
 @contextlib.contextmanager
@@ -181,6 +212,35 @@ def check_adapters(adapters: Optional[str]) -> None:
     if adapters is not None and not os.path.isfile(os.path.join(adapters, "adapter_config.json")):
         reason = "no such folder" if not os.path.exists(adapters) else "holds no adapter_config.json"
         raise ConfigError("adapters", adapters, reason + " (pass the adapters/ folder a training run wrote)")
+
+
+def recorded_base_model(adapters: str) -> Optional[str]:
+    """The base model DIR/adapter_config.json records (`base_model_name_or_path`); None when it names none."""
+    try:
+        with open(os.path.join(adapters, "adapter_config.json"), encoding="utf-8") as handle:
+            recorded = json.load(handle).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError("adapters", adapters, f"adapter_config.json cannot be read ({exc})") from None
+    return recorded if isinstance(recorded, str) and recorded.strip() else None
+
+
+def with_adapters_base_model(config: TrainConfig, adapters: Optional[str]) -> TrainConfig:
+    """`eval --adapters DIR` without --model: the config with the base model DIR records, resolved as
+    --model would be (the embedded default's reference: the default; a path: as the run was given it);
+    `ConfigError` naming --adapters when it records none or one this machine lacks. --model given wins."""
+    check_adapters(adapters)
+    if adapters is None or config.model is not None:
+        return config
+    recorded = recorded_base_model(adapters)
+    if recorded is None:
+        raise ConfigError("adapters", adapters, "adapter_config.json names no base model; pass --model")
+    if is_default_model(recorded):
+        return config
+    problem = model_name(recorded)
+    if problem:
+        raise ConfigError("adapters", adapters, f"its base model {recorded} (adapter_config.json): {problem}; "
+                          "pass --model")
+    return dataclasses.replace(config, model=recorded)
 
 
 def load_adapters(model: nn.Module, adapters: str) -> nn.Module:

@@ -19,7 +19,7 @@ import time
 from typing import Dict, List, Sequence
 
 from fused_concept.training import metrics as registry
-from fused_concept.training.config import ConfigError, validate
+from fused_concept.training.config import ConfigError, resolve_schedule, validate
 
 # which held-out rows a perplexity's bootstrap interval resamples (Metric.bootstrap_rows)
 ROW_SELECTORS = {"all": lambda content: True, "content": lambda content: content,
@@ -40,17 +40,20 @@ def check_lams(lams: Sequence[float]) -> None:
 def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=None, data=None) -> Dict:
     """Train one run per lambda (see the module docstring); returns what sweep.json holds. `model`,
     `tokenizer` and `data` replace the loaded ones, as in `train` (tests pass tiny ones)."""
+    from fused_concept.training.checkpoints import resume_point
     from fused_concept.training.loop import train
     from fused_concept.training.run import load_named_model
 
     check_lams(lams)
-    validate(dataclasses.replace(config, lam=lams[0]))
+    configs = {lam: dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}")) for lam in lams}
+    for run_config in configs.values():  # every run's settings, and its checkpoint under --resume, first
+        validate(run_config)
+        resume_point(resolve_schedule(run_config))
     t_start = time.time()
     if model is None:
         model, tokenizer = load_named_model(config)
     runs = {}
-    for lam in lams:
-        run_config = dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
+    for lam, run_config in configs.items():
         before = runs[lams[0]]["before"] if runs else None  # same model, same data: evaluated once
         runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data, before=before)
     return summarize(config, lams, out_dir, seconds=time.time() - t_start)

