@@ -115,15 +115,23 @@ METRICS: Tuple[Metric, ...] = (
     *_word_similarity("simlex999", "SimLex-999"),
     *_word_similarity("wordsim353", "WordSim-353"),
 )
-BY_NAME: Dict[str, Metric] = {m.name: m for m in METRICS}
-HELDOUT = tuple(m for m in METRICS if m.computed_by == "heldout")
-SHOWN = tuple(m for m in METRICS if m.shown)
+# Views of METRICS, computed when asked, so that METRICS stays the one list (a test adds an entry to it alone).
+
+
+def by_name(name: str) -> Optional[Metric]:
+    """The registered metric `name` (None when there is none)."""
+    return next((m for m in METRICS if m.name == name), None)
+
+
+def shown() -> Tuple[Metric, ...]:
+    """The metrics the tables and plots show, in registry order."""
+    return tuple(m for m in METRICS if m.shown)
 
 
 def metrics_from_sums(sums: torch.Tensor) -> Dict[str, float]:
     """Every held-out metric from summed `SUMS` (a float64 vector in `SUM_FIELDS` order)."""
     s = dict(zip(SUM_FIELDS, sums.tolist()))
-    return {m.name: m.compute(s) for m in HELDOUT}
+    return {m.name: m.compute(s) for m in METRICS if m.computed_by == "heldout"}
 
 
 def computed_by(source: str) -> Tuple[str, ...]:

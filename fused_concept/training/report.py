@@ -61,7 +61,7 @@ def summary(metrics: Dict) -> str:
 def format_table(before: Dict, after: Dict) -> str:
     """The before / after table of the registry's shown metrics, with the change and whether it is better."""
     lines = [f"{'metric':<26}{'before':>12}{'after':>12}{'change':>12}"]
-    for m in registry.SHOWN:
+    for m in registry.shown():
         if m.name in before and m.name in after:
             b, a = before[m.name], after[m.name]
             lines.append(f"{m.label:<26}{registry.formatted(m, b):>12}{registry.formatted(m, a):>12}{(a - b):>+12.4f}"
@@ -72,7 +72,7 @@ def format_table(before: Dict, after: Dict) -> str:
 def print_metrics(metrics: Dict) -> None:
     """Every metric of an evaluation, one per line, in the registry's order and formats."""
     for name, value in metrics.items():
-        metric = registry.BY_NAME.get(name)
+        metric = registry.by_name(name)
         shown = registry.formatted(metric, value) if metric is not None else f"{value:.4f}"
         print(f"{name:<40}{shown:>12}", flush=True)
 

@@ -115,7 +115,7 @@ def _run_summary(result: Dict, out_dir: str, lam: float, twin: float) -> Dict:
 def format_table(summary: Dict) -> str:
     """Markdown: one row per lambda, one column per shown metric; perplexities with their difference from
     the twin and its paired bootstrap 95% interval."""
-    shown = registry.SHOWN
+    shown = registry.shown()
     lines = ["| lam | " + " | ".join(m.label for m in shown) + " |", "|" + "---|" * (len(shown) + 1)]
     lines.append("| before | " + " | ".join(registry.formatted(m, summary["before"].get(m.name)) for m in shown)
                  + " |")
@@ -140,7 +140,7 @@ def plot(summary: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     lams: List[float] = [float(k) for k in summary["runs"]]
-    shown = registry.SHOWN
+    shown = registry.shown()
     columns = 4
     fig, axes = plt.subplots(math.ceil(len(shown) / columns), columns, figsize=(16, 3.5 * math.ceil(len(shown) / 4)),
                              squeeze=False)

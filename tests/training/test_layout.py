@@ -3,8 +3,10 @@ package, and ONE metrics registry that every report reads (adding a metric is on
 import ast
 import dataclasses
 import glob
+import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -133,35 +135,63 @@ def test_registry_keeps_the_metrics_json_names():
     assert [m.name for m in registry.METRICS] == _NAMES
     assert all(m.better in ("lower", "higher", None) for m in registry.METRICS)
     assert all((m.compute is None) == (m.computed_by != "heldout") for m in registry.METRICS)
-    shown = [m.name for m in registry.SHOWN]
+    shown = [m.name for m in registry.shown()]
     assert len(shown) == 8 and "heldout.tokens" not in shown
 
 
-def test_adding_a_metric_is_one_entry(monkeypatch, tmp_path):
-    """One new entry (held-out NLL per content token, lower is better) reaches evaluation, the table, the
-    summary line, curves.png and the sweep's table and plot, with nothing else changed."""
+def test_adding_a_metric_is_one_entry(monkeypatch, tmp_path, capsys):
+    """One new entry in METRICS (held-out NLL per content token, lower is better), and nothing else changed,
+    reaches a real (tiny) sweep end to end: evaluation, the before / after table, the summary line,
+    metrics.json, curves.png, and the sweep's table, sweep.json and plot."""
+    import matplotlib.pyplot as plt
+
     from fused_concept.training import report, sweep
+    from helpers.tiny import small_config, tiny_data, tiny_model
 
     extra = registry.Metric("heldout.content_nll", "content-word NLL", "{:.4f}", "lower",
                             lambda s: s["ce_content"] / s["content"], short="content NLL", curve=("ce", float))
-    metrics = registry.METRICS + (extra,)
-    monkeypatch.setattr(registry, "METRICS", metrics)
-    monkeypatch.setattr(registry, "BY_NAME", {m.name: m for m in metrics})
-    monkeypatch.setattr(registry, "HELDOUT", tuple(m for m in metrics if m.computed_by == "heldout"))
-    monkeypatch.setattr(registry, "SHOWN", tuple(m for m in metrics if m.shown))
+    monkeypatch.setattr(registry, "METRICS", registry.METRICS + (extra,))  # the one change
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep every figure a report draws, to read it back
+
     sums = torch.tensor([10.0, 20.0, 4.0, 12.0, 2.0, 1.0, 3.0], dtype=torch.float64)
-    before = registry.metrics_from_sums(sums)
-    after = registry.metrics_from_sums(sums * torch.tensor([1, 0.5, 1, 0.5, 1, 1, 1], dtype=torch.float64))
-    assert before["heldout.content_nll"] == 3.0 and after["heldout.content_nll"] == 1.5
-    assert before["heldout.perplexity"] == pytest.approx(math.exp(2.0))
-    assert "content-word NLL" in report.format_table(before, after).splitlines()[-1]
-    assert report.format_table(before, after).splitlines()[-1].endswith("better")
-    assert "content NLL 3.0000" in report.summary(before)
+    assert registry.metrics_from_sums(sums)["heldout.content_nll"] == 3.0
+    config = small_config(tmp_path, steps=1, lora=False, plot=True, word_similarity=False)
+    summary = sweep.sweep(config, [0.0, 0.5], str(tmp_path / "sweep"), model=tiny_model(), data=tiny_data())
+
+    out = capsys.readouterr().out
+    run = json.loads((tmp_path / "sweep" / "lam-0.5" / "metrics.json").read_text())
+    nll = run["after"]["heldout.content_nll"]
+    assert nll == pytest.approx(math.log(run["after"]["heldout.content_perplexity"]), rel=1e-9)  # evaluation
+    assert "heldout.content_nll" in run["before"]  # metrics.json, both evaluations
+    assert re.search(r"^content-word NLL +\d+\.\d{4} +\d+\.\d{4} +[-+]\d", out, re.M)  # the table
+    assert "content NLL " in out  # the summary line printed before training
+    assert summary["runs"]["0.5"]["after"]["heldout.content_nll"] == nll  # sweep.json
+    assert "content-word NLL" in (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[0]
+    curves = [fig for fig in figures if fig._suptitle.get_text().startswith("concept objective")]
+    legends = [t.get_text() for fig in curves for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    assert len(curves) == 2 and "held-out content-word NLL, before / after" in legends  # curves.png
+    sweep_plot = [fig for fig in figures if fig not in curves]
+    assert "content-word NLL" in [ax.get_ylabel() for fig in sweep_plot for ax in fig.axes]  # sweep.png
+
+
+def test_every_plot_axis_is_labelled_from_the_registry(monkeypatch, tmp_path):
+    """curves.png: each panel's y axis is its training record's label (`TRAINING_RECORDS`); sweep.png:
+    each panel's y axis is its metric's label."""
+    import matplotlib.pyplot as plt
+
+    from fused_concept.training import report, sweep
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    before = registry.metrics_from_sums(torch.tensor([10.0, 20.0, 4.0, 12.0, 2.0, 1.0, 3.0], dtype=torch.float64))
     history = [{"step": 1, "loss": 2.0, "ce": 1.9, "mass": 0.2, "lr": 1e-3, "grad_norm": 1.0}]
-    report.plot_curves(str(tmp_path / "curves.png"), history, before, after, "t")
+    report.plot_curves(str(tmp_path / "curves.png"), history, before, before, "t")
+    (curves,) = figures
+    assert [ax.get_ylabel() for ax in curves.axes] == [label for _, label in registry.TRAINING_RECORDS.values()]
+    assert all(ax.get_xlabel() == "optimizer step" for ax in curves.axes)
     summary = {"command": "c", "twin": 0.0, "before": before,
-               "runs": {"0": {"after": after, "diff_vs_twin": {}}, "0.5": {"after": before, "diff_vs_twin": {}}}}
-    table = sweep.format_table(summary)
-    assert "content-word NLL" in table.splitlines()[0] and "| 0.5 |" in table
+               "runs": {"0": {"after": before, "diff_vs_twin": {}}, "0.5": {"after": before, "diff_vs_twin": {}}}}
     sweep.plot(summary, str(tmp_path / "sweep.png"))
-    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    labels = [ax.get_ylabel() for ax in figures[1].axes if ax.get_visible()]
+    assert labels == [m.label for m in registry.shown()] and all(labels)
