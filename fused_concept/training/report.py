@@ -95,6 +95,7 @@ def result(config, run, data: TokenData, text: Optional[str], state, after: Dict
         },
         "world_size": run.world,
         "device": str(run.device),
+        "autocast": None if run.autocast_dtype is None else str(run.autocast_dtype).removeprefix("torch."),
         "before": state.before,
         "after": after,
         "history": state.history,

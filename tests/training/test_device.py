@@ -3,6 +3,7 @@ creates names its device, every model forward of training and evaluation runs un
 and a bf16-autocast run trains to the float64 objective within bf16 rounding. The whole pipeline on a GPU:
 benchmarks/cuda_train_smoke.py (its --device cpu dry run is the last test here)."""
 import copy
+import json
 import os
 import sys
 
@@ -106,11 +107,15 @@ def test_cuda_smoke_script_dry_run_on_cpu(tmp_path, capsys):
     """benchmarks/cuda_train_smoke.py, the GPU check of the whole pipeline, run with --device cpu."""
     from benchmarks import cuda_train_smoke
 
-    summary = cuda_train_smoke.main(["--device", "cpu", "--out", str(tmp_path)])
+    summary = cuda_train_smoke.main(["--dry-run", "--out", str(tmp_path)])
     assert summary["ok"], summary["checks"]
-    assert summary["device"] == "cpu" and set(summary["checks"]) >= {"loss finite", "eval reproduces the run"}
+    assert summary["device"] == "cpu" and set(summary["checks"]) >= {"loss finite", "eval reproduces the run",
+                                                                     "no autocast"}
     assert (tmp_path / "smoke.json").exists() and "ok" in capsys.readouterr().out
-    # the CUDA-only comparison with a CPU run of the same job, on two copies of this run
-    run = {"device": "cpu", **{key: summary[key] for key in ("history", "before", "after")}}
-    compared = cuda_train_smoke._checks("cpu", run, None, run, True)
-    assert all(compared.values()) and any("cpu's" in name for name in compared)
+    adapter_config = json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "job" / "model")  # eval took it from there
+    # the CUDA-only checks (bf16 autocast, the comparison with a CPU run of the same job), on copies of this run
+    run = {"device": "cpu", "autocast": "bfloat16", **{key: summary[key] for key in ("history", "before", "after")}}
+    compared = cuda_train_smoke._checks("cpu", run, None, run, True, bf16=True)
+    assert all(compared.values()) and "bf16 autocast" in compared and any("cpu's" in name for name in compared)
+    assert not cuda_train_smoke._checks("cpu", {**run, "autocast": None}, None, None, True, bf16=True)["bf16 autocast"]
