@@ -177,3 +177,27 @@ def test_a_dataset_name_without_the_datasets_package_is_refused_up_front(capsys,
     err = _refused(capsys, ["train", "--data", "allenai/c4"])
     assert "--data allenai/c4: no such file, and the `datasets` package" in err and "file not found" not in err
 
+
+def test_the_documented_commands_parse(capsys):
+    """Every `.venv/bin/python -m fused_concept ...` and `make train|eval|sweep [ARGS="..."]` that README.md and
+    docs/training.md show parses with today's options, and the make targets run the virtualenv's python."""
+    import re
+    import shlex
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = "".join(open(os.path.join(root, name)).read() for name in ("README.md", "docs/training.md"))
+    commands = [shlex.split(found) for found in re.findall(r"\.venv/bin/python -m fused_concept ([^`#\n]+)", text)
+                if "..." not in found and "|" not in found]
+    makefile = open(os.path.join(root, "Makefile")).read()
+    run_by_make = dict(re.findall(r"^(train|eval|sweep): setup\n\t\$\(BIN\)/python -m fused_concept (.*) \$\(ARGS\)$",
+                                  makefile, re.M))
+    assert set(run_by_make) == {TRAIN, EVAL, SWEEP}, run_by_make  # the virtualenv's python, options last
+    commands += [shlex.split(run_by_make[target]) + shlex.split(args)
+                 for target, args in re.findall(r'make (train|eval|sweep)(?: ARGS="([^"]*)")?', text)
+                 if "..." not in args]
+    assert len(commands) >= 5 and {c[0] for c in commands} == {TRAIN, EVAL, SWEEP}, commands
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exit_info:
+            assert exit_info.code == 0 and "--help" in argv, (argv, capsys.readouterr().err)
