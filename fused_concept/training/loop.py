@@ -81,8 +81,10 @@ def _job(config: TrainConfig, run: Run, model, tokenizer, data, before, t_start:
     accum = micro_batches_per_step(config, run.world)
     seconds = dict.fromkeys(("load_model", "concepts", "evaluate", "train"), 0.0)
     given_data = data is not None
-    point = resume_point(config)  # first: a checkpoint written with other settings, or a bad --data,
-    text = None if given_data else load_text(config.data)  # fails before the slow model load
+    # first, so that they fail before the slow model load: the checkpoint to resume (written with these
+    # settings?) and the corpus (a bad --data)
+    point = resume_point(config)
+    text = None if given_data else load_text(config.data)
 
     with timed(seconds, "load_model"):
         model, tokenizer = setup_model(config, run, model, tokenizer)
