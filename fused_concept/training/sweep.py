@@ -1,7 +1,8 @@
 """`python -m fused_concept sweep --lam 0 0.25 0.5 0.75 1`: the paper's ablation over lambda.
 
 Each lambda trains with the same configuration otherwise (same data, concept sets, seed, steps), from a
-fresh copy of the same loaded model, into ``out_dir/lam-<lam>``; the concept sets are built once and
+fresh copy of the same loaded model (full precision: ``--load-in-4bit`` is turned off, and recorded so),
+into ``out_dir/lam-<lam>``; the concept sets are built once and
 read back from the shared cache by the later runs. Then one table (``sweep.md``, ``sweep.json``) and one
 plot (``sweep.png``) of every shown metric of the registry (``metrics.py``) against lambda, with paired
 bootstrap 95% intervals (``bootstrap.py``) of each run's perplexities minus its lambda = 0 twin's.
@@ -42,10 +43,14 @@ def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=
     `tokenizer` and `data` replace the loaded ones, as in `train` (tests pass tiny ones)."""
     from fused_concept.training.checkpoints import resume_point
     from fused_concept.training.loop import train
-    from fused_concept.training.run import load_named_model
+    from fused_concept.training.run import load_named_model, log
 
     check_lams(lams)
-    configs = {lam: dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}")) for lam in lams}
+    if config.load_in_4bit:  # the runs train copies of one model loaded here, never a 4-bit one: record that
+        log("load_in_4bit: a sweep loads the base model once, in full precision, and trains a copy per lambda")
+        config = dataclasses.replace(config, load_in_4bit=False)
+    configs = {lam: dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
+               for lam in lams}
     for run_config in configs.values():  # every run's settings, and its checkpoint under --resume, first
         validate(run_config)
         resume_point(resolve_schedule(run_config))

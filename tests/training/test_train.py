@@ -237,8 +237,10 @@ def test_adapters_saved_in_peft_format(tmp_path):
 def test_sweep_table_plot_and_paired_intervals(tmp_path):
     from fused_concept.training.sweep import sweep
 
-    config = small_config(tmp_path, steps=2, lora=False)
+    config = small_config(tmp_path, steps=2, lora=False, load_in_4bit=True)  # a sweep copies one model: never 4-bit
     summary = sweep(config, [0.0, 0.5], str(tmp_path / "sweep"), model=tiny_model(), tokenizer=None, data=tiny_data())
+    recorded = json.loads((tmp_path / "sweep" / "lam-0.5" / "metrics.json").read_text())
+    assert recorded["config"]["load_in_4bit"] is False and "load_in_4bit=False (paper True)" in recorded["notes"]
     for name in ("sweep.json", "sweep.md", "sweep.png"):
         assert (tmp_path / "sweep" / name).stat().st_size > 100
     twin, run = summary["runs"]["0"], summary["runs"]["0.5"]
