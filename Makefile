@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test bench fuzz stress
+.PHONY: setup train eval sweep test bench fuzz stress
 # setup also puts triton 3.6.0 (the GPU image's) in $(VENV)/triton-3.6.0, apart from the pinned one:
 # tests/backends/test_triton_compile.py compiles every kernel with both
 $(BIN)/.installed: requirements.txt setup.py
@@ -16,8 +16,19 @@ $(BIN)/.installed: requirements.txt setup.py
 
 setup: $(BIN)/.installed
 
+# the main job; options through ARGS, e.g. make train ARGS="--lam 0 --out-dir runs/lam0"
+# (the same as $(BIN)/python -m fused_concept train --lam 0 --out-dir runs/lam0)
 train: setup
-	$(BIN)/python -m fused_concept train
+	$(BIN)/python -m fused_concept train $(ARGS)
+
+# evaluate make train's run (its adapters, on the base model they record) into runs/eval; options given in
+# ARGS come later, so they win: make eval ARGS="--adapters runs/lam0/adapters --out-dir runs/eval-lam0"
+eval: setup
+	$(BIN)/python -m fused_concept eval --adapters runs/default/adapters --out-dir runs/eval $(ARGS)
+
+# the paper's lambda ablation (0, 0.25, 0.5, 0.75, 1) into runs/sweep; ARGS as for train
+sweep: setup
+	$(BIN)/python -m fused_concept sweep $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -9,6 +9,8 @@ setup(
     # kernels/ (top-level in the repository) installs as fused_concept.kernels: no top-level `kernels` module
     packages=find_packages(include=["fused_concept", "fused_concept.*"]) + ["fused_concept.kernels"],
     package_dir={"fused_concept": "fused_concept", "fused_concept.kernels": "kernels"},
+    # the training recipes are TOML files read at run time (fused_concept/training/recipes/*.toml)
+    package_data={"fused_concept.training.recipes": ["*.toml"]},
     install_requires=["torch>=2.11,<2.14", "numpy"],
     extras_require={
         # the tested versions: 3.6.0 (the GPU image's) and 3.8.0 (pinned in requirements.txt); see

@@ -1,4 +1,9 @@
-"""The paper's application, apart from the library: concept training of a causal LM (``loop.py``, configured by
-``config.py`` and the recipes), the concept sets it trains on (``concepts/``), evaluation (``evaluate.py``,
-``word_similarity.py``, ``bootstrap.py``), the lambda sweep (``sweep.py``), its outputs (``report.py``,
-``checkpoints.py``, ``durable.py``) and the command line (``cli.py``). The library never imports this package."""
+"""The paper's application, apart from the library: concept training of a causal LM.
+
+``config.py`` (every setting and its rule) and ``recipes/`` (named settings as TOML files: the paper's),
+``run.py`` (setting up a run: process group, device, model, data, LoRA, optimizer), ``loop.py`` (the job
+and the training loop), ``checkpoints.py`` (resume and adapters), ``metrics.py`` (the registry of every
+reported number), ``evaluate.py`` (held-out evaluation and the ``eval`` command), ``word_similarity.py``,
+``bootstrap.py``, ``sweep.py`` (the lambda ablation), ``report.py`` (what a run prints and writes),
+``durable.py`` (crash-safe files), ``data.py`` (corpora), ``concepts/`` (the concept sets it trains on) and
+``cli.py`` (the command line). The library never imports this package."""

@@ -17,6 +17,7 @@ chunks are the training part, the last chunks the held-out part, so the two neve
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -113,6 +114,32 @@ def _read_datasets_name(name: str) -> str:
     return "\n".join(split["text"])
 
 
+def check_data_argument(data: Optional[str]) -> None:
+    """Refuse a ``--data`` value that cannot name a corpus, without reading it: ``DataError`` when it is
+    empty, a directory, a file of an unsupported type, a path to a file that does not exist, or a dataset
+    name without the ``datasets`` package to load it."""
+    if data is None:
+        return
+    if not isinstance(data, str) or not data.strip():
+        raise DataError(f"--data must be a .txt or .jsonl file or a dataset name, got {data!r}")
+    lower = data.lower()
+    if os.path.isdir(data):
+        raise DataError(f"--data {data}: is a directory; pass a .txt or .jsonl file")
+    if os.path.exists(data):
+        if not lower.endswith((".txt", ".jsonl")):
+            raise DataError(f"--data {data}: unsupported file type; use a .txt or .jsonl file")
+    elif lower.endswith((".txt", ".jsonl", ".json")) or _looks_like_a_path(data):
+        raise DataError(f"--data {data}: file not found")
+    elif importlib.util.find_spec("datasets") is None:
+        raise DataError(f"--data {data}: no such file, and the `datasets` package (needed to load a dataset by "
+                        "name) is not installed; pass a .txt or .jsonl file")
+
+
+def _looks_like_a_path(data: str) -> bool:
+    """A path rather than a dataset name ("name" or "org/name")."""
+    return data.startswith(("/", ".", "~")) or data.count("/") > 1 or (os.sep != "/" and os.sep in data)
+
+
 def load_text(data: Optional[str]) -> str:
     """The training text named by ``--data`` (``None``: the embedded default corpus).
 
@@ -121,24 +148,14 @@ def load_text(data: Optional[str]) -> str:
     """
     if data is None:
         return default_corpus_text()
-    if not isinstance(data, str) or not data.strip():
-        raise DataError(f"--data must be a .txt or .jsonl file or a dataset name, got {data!r}")
-    lower = data.lower()
-    looks_like_file = lower.endswith((".txt", ".jsonl", ".json")) or os.sep in data or data.startswith(".")
-    if os.path.isdir(data):
-        raise DataError(f"--data {data}: is a directory; pass a .txt or .jsonl file")
-    if os.path.exists(data):
-        if lower.endswith(".txt"):
-            with open(data, encoding="utf-8") as handle:
-                text = handle.read()
-        elif lower.endswith(".jsonl"):
-            text = _read_jsonl(data)
-        else:
-            raise DataError(f"--data {data}: unsupported file type; use a .txt or .jsonl file")
-    elif looks_like_file:
-        raise DataError(f"--data {data}: file not found")
-    else:
+    check_data_argument(data)
+    if not os.path.exists(data):
         text = _read_datasets_name(data)
+    elif data.lower().endswith(".txt"):
+        with open(data, encoding="utf-8") as handle:
+            text = handle.read()
+    else:
+        text = _read_jsonl(data)
     if not text.strip():
         raise DataError(f"--data {data}: contains no text")
     return text
@@ -178,3 +195,13 @@ def split_train_heldout(chunks: torch.Tensor, num_train: int, num_heldout: int, 
             "smaller --num-train / --num-heldout"
         )
     return chunks[:num_train].clone(), chunks[chunks.shape[0] - num_heldout :].clone()
+
+
+def heldout_chunks(chunks: torch.Tensor, num_heldout: int, *, source: str = "the corpus") -> torch.Tensor:
+    """The last ``num_heldout`` chunks alone: the held-out part of `split_train_heldout` (for evaluation)."""
+    if num_heldout < 1:
+        raise ValueError(f"need at least one held-out sequence, got {num_heldout}")
+    if chunks.shape[0] < num_heldout:
+        raise DataError(f"{source} gives {chunks.shape[0]} sequences of {chunks.shape[1]} tokens, fewer than the "
+                        f"{num_heldout} held-out sequences asked for; use a longer text or a smaller --num-heldout")
+    return chunks[chunks.shape[0] - num_heldout :].clone()

@@ -1,10 +1,11 @@
 """`python -m fused_concept sweep --lam 0 0.25 0.5 0.75 1`: the paper's ablation over lambda.
 
 Each lambda trains with the same configuration otherwise (same data, concept sets, seed, steps), from a
-fresh copy of the same loaded model, into ``out_dir/lam-<lam>``; the concept sets are built once and
+fresh copy of the same loaded model (full precision: ``--load-in-4bit`` is turned off, and recorded so),
+into ``out_dir/lam-<lam>``; the concept sets are built once and
 read back from the shared cache by the later runs. Then one table (``sweep.md``, ``sweep.json``) and one
-plot (``sweep.png``) of every held-out and word-similarity metric against lambda, with paired bootstrap
-95% intervals (``fused_concept._bootstrap``) of each run's perplexities minus its lambda = 0 twin's.
+plot (``sweep.png``) of every shown metric of the registry (``metrics.py``) against lambda, with paired
+bootstrap 95% intervals (``bootstrap.py``) of each run's perplexities minus its lambda = 0 twin's.
 """
 
 from __future__ import annotations
@@ -18,32 +19,46 @@ import platform
 import time
 from typing import Dict, List, Sequence
 
-METRICS = (
-    ("heldout.perplexity", "perplexity", None),
-    ("heldout.content_perplexity", "content-word perplexity", True),
-    ("heldout.noncontent_perplexity", "non-content perplexity", False),
-    ("heldout.concept_mass", "concept mass", None),
-    ("heldout.concept_accuracy", "concept accuracy", None),
-    ("heldout.token_accuracy", "token accuracy", None),
-    ("word_similarity.simlex999.spearman", "SimLex-999 Spearman", None),
-    ("word_similarity.wordsim353.spearman", "WordSim-353 Spearman", None),
-)
+from fused_concept.training import metrics as registry
+from fused_concept.training.config import ConfigError, resolve_schedule, validate
+
+# which held-out rows a perplexity's bootstrap interval resamples (Metric.bootstrap_rows)
+ROW_SELECTORS = {"all": lambda content: True, "content": lambda content: content,
+                 "noncontent": lambda content: not content}
+
+
+def check_lams(lams: Sequence[float]) -> None:
+    """--lam values for a sweep: at least one, each in [0, 1], all different."""
+    if not lams:
+        raise ConfigError("lam", list(lams), "give at least one value")
+    for lam in lams:
+        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or not 0.0 <= lam <= 1.0:
+            raise ConfigError("lam", lam, "must be in [0, 1]")
+    if len(set(lams)) != len(lams):
+        raise ConfigError("lam", list(lams), "the values must differ")
 
 
 def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=None, data=None) -> Dict:
     """Train one run per lambda (see the module docstring); returns what sweep.json holds. `model`,
     `tokenizer` and `data` replace the loaded ones, as in `train` (tests pass tiny ones)."""
-    from fused_concept.integrations import hf as hf
+    from fused_concept.training.checkpoints import resume_point
     from fused_concept.training.loop import train
+    from fused_concept.training.run import load_named_model, log
 
-    if len(set(lams)) != len(lams):
-        raise ValueError(f"--lam values must differ, got {list(lams)}")
+    check_lams(lams)
+    if config.load_in_4bit:  # the runs train copies of one model loaded here, never a 4-bit one: record that
+        log("load_in_4bit: a sweep loads the base model once, in full precision, and trains a copy per lambda")
+        config = dataclasses.replace(config, load_in_4bit=False)
+    configs = {lam: dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
+               for lam in lams}
+    for run_config in configs.values():  # every run's settings, and its checkpoint under --resume, first
+        validate(run_config)
+        resume_point(resolve_schedule(run_config))
     t_start = time.time()
     if model is None:
-        model, tokenizer = hf.load_default_model() if config.model is None else hf.load_model(config.model)
+        model, tokenizer = load_named_model(config)
     runs = {}
-    for lam in lams:
-        run_config = dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
+    for lam, run_config in configs.items():
         before = runs[lams[0]]["before"] if runs else None  # same model, same data: evaluated once
         runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data, before=before)
     return summarize(config, lams, out_dir, seconds=time.time() - t_start)
@@ -83,50 +98,46 @@ def _rows(out_dir: str, lam: float) -> Dict:
 
 
 def _run_summary(result: Dict, out_dir: str, lam: float, twin: float) -> Dict:
-    """The run's after-training metrics and, for its perplexities, the paired bootstrap interval of the
-    difference from the twin's (content rows, non-content rows, all rows)."""
+    """The run's after-training metrics and, for each perplexity with `bootstrap_rows`, the paired
+    bootstrap interval of the difference from the twin's on those rows."""
     from fused_concept.training.bootstrap import paired_bootstrap_ppl_diff
 
     mine, theirs = _rows(out_dir, lam), _rows(out_dir, twin)
     if mine["content"] != theirs["content"]:
         raise ValueError("the runs of a sweep must share held-out rows and content positions")
-    pick = {"heldout.perplexity": lambda c: True, "heldout.content_perplexity": lambda c: c,
-            "heldout.noncontent_perplexity": lambda c: not c}
     intervals = {}
-    for key, keep in pick.items():
+    for metric in registry.METRICS:
+        if metric.bootstrap_rows is None:
+            continue
+        keep = ROW_SELECTORS[metric.bootstrap_rows]
         a = [x for x, c in zip(mine["nll"], mine["content"]) if keep(c)]
         b = [x for x, c in zip(theirs["nll"], theirs["content"]) if keep(c)]
         diff, low, high = paired_bootstrap_ppl_diff(a, b)
-        intervals[key] = {"diff": diff, "ci95": [low, high]}
+        intervals[metric.name] = {"diff": diff, "ci95": [low, high]}
     return {"after": result["after"], "diff_vs_twin": intervals, "seconds": result["seconds"]["total"]}
 
 
 def format_table(summary: Dict) -> str:
-    """Markdown: one row per lambda, one column per metric; perplexities with their difference from the
-    twin and its paired bootstrap 95% interval."""
-    header = "| lam | " + " | ".join(label for _, label, _ in METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
-    lines.append("| before | " + " | ".join(_fmt(summary["before"].get(key)) for key, _, _ in METRICS) + " |")
+    """Markdown: one row per lambda, one column per shown metric; perplexities with their difference from
+    the twin and its paired bootstrap 95% interval."""
+    shown = registry.shown()
+    lines = ["| lam | " + " | ".join(m.label for m in shown) + " |", "|" + "---|" * (len(shown) + 1)]
+    lines.append("| before | " + " | ".join(registry.formatted(m, summary["before"].get(m.name)) for m in shown)
+                 + " |")
     for lam, run in summary["runs"].items():
         cells = []
-        for key, _, _ in METRICS:
-            cell = _fmt(run["after"].get(key))
-            if key in run["diff_vs_twin"] and float(lam) != summary["twin"]:
-                d = run["diff_vs_twin"][key]
+        for m in shown:
+            cell = registry.formatted(m, run["after"].get(m.name))
+            if m.name in run["diff_vs_twin"] and float(lam) != summary["twin"]:
+                d = run["diff_vs_twin"][m.name]
                 cell += f" ({d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}])"
             cells.append(cell)
         lines.append(f"| {lam} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
-
-
 def plot(summary: Dict, path: str) -> None:
-    """One panel per metric against lambda; dashed: before training; bars on perplexities: the paired
+    """One panel per shown metric against lambda; dashed: before training; bars on perplexities: the paired
     bootstrap 95% interval of the difference from the twin, drawn around each point."""
     import matplotlib
 
@@ -134,23 +145,36 @@ def plot(summary: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     lams: List[float] = [float(k) for k in summary["runs"]]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-    for ax, (key, label, _) in zip(axes.reshape(-1), METRICS):
-        values = [summary["runs"][k]["after"].get(key, float("nan")) for k in summary["runs"]]
-        errors = None
-        if key in summary["runs"][next(iter(summary["runs"]))]["diff_vs_twin"]:
-            twin_value = summary["runs"][f"{summary['twin']:g}"]["after"][key]
-            ci = [summary["runs"][k]["diff_vs_twin"][key]["ci95"] for k in summary["runs"]]
-            errors = [[max(0.0, v - (twin_value + lo)) for v, (lo, _) in zip(values, ci)],
-                      [max(0.0, (twin_value + hi) - v) for v, (_, hi) in zip(values, ci)]]
-        ax.errorbar(lams, values, yerr=errors, marker="o", capsize=3, label="after training")
-        if key in summary["before"]:
-            ax.axhline(summary["before"][key], color="gray", linestyle="--", label="before")
+    shown = registry.shown()
+    columns = 4
+    fig, axes = plt.subplots(math.ceil(len(shown) / columns), columns, figsize=(16, 3.5 * math.ceil(len(shown) / 4)),
+                             squeeze=False)
+    for ax, m in zip(axes.reshape(-1), shown):
+        values = [summary["runs"][k]["after"].get(m.name, float("nan")) for k in summary["runs"]]
+        ax.errorbar(lams, values, yerr=_error_bars(summary, m.name, values), marker="o", capsize=3,
+                    label="after training")
+        if m.name in summary["before"]:
+            ax.axhline(summary["before"][m.name], color="gray", linestyle="--", label="before")
         ax.set_xlabel("lambda")
-        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(m.label)
+        ax.set_title(f"{m.label} ({m.better} is better)" if m.better else m.label, fontsize=10)
         ax.grid(alpha=0.3)
+    for ax in axes.reshape(-1)[len(shown):]:
+        ax.set_visible(False)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(summary["command"], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _error_bars(summary: Dict, name: str, values: List[float]):
+    """[below, above] each point: the twin's value plus the bootstrap interval of the difference; None
+    for a metric without intervals."""
+    runs = summary["runs"]
+    if name not in runs[next(iter(runs))]["diff_vs_twin"]:
+        return None
+    twin_value = runs[f"{summary['twin']:g}"]["after"][name]
+    ci = [runs[k]["diff_vs_twin"][name]["ci95"] for k in runs]
+    return [[max(0.0, v - (twin_value + lo)) for v, (lo, _) in zip(values, ci)],
+            [max(0.0, (twin_value + hi) - v) for v, (_, hi) in zip(values, ci)]]

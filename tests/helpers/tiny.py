@@ -2,7 +2,7 @@
 import torch
 
 from fused_concept.training.data import TokenData
-from fused_concept.training.loop import TrainConfig
+from fused_concept.training.config import TrainConfig
 
 VOCAB, SEQ = 96, 9
 

@@ -9,8 +9,8 @@ vocab-parallel head, and destroys the group. A run passes when both ranks exit w
 nothing on stderr says the process aborted. Any failure prints the run's stderr tail and the command
 exits 1.
 
-`--no-wait` replaces `train._wait_for_peers` (the barrier before `destroy_process_group`) by a no-op,
-to show what happens without it.
+`--no-wait` replaces `fused_concept.training.run.wait_for_peers` (the barrier before
+`destroy_process_group`) by a no-op, to show what happens without it.
 """
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ def worker(out_dir: str, mode: str, no_wait: bool) -> None:
     from helpers.tiny import small_config, tiny_data, tiny_model
 
     from fused_concept.training import loop as train_module
+    from fused_concept.training import run as run_module
 
     if no_wait:
-        assert hasattr(train_module, "_wait_for_peers")
-        train_module._wait_for_peers = lambda: None
+        assert hasattr(run_module, "wait_for_peers")
+        run_module.wait_for_peers = lambda: None
     config = small_config(out_dir, micro_batch_size=1, lora=False, steps=2,
                           vocab_parallel=mode == "vocab_parallel")
     train_module.train(config, model=tiny_model(), data=tiny_data())
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--mode", choices=("ddp", "vocab_parallel", "both"), default="both",
                         help="both: alternate DDP and vocab-parallel runs")
-    parser.add_argument("--no-wait", action="store_true", help="skip train._wait_for_peers (the barrier at exit)")
+    parser.add_argument("--no-wait", action="store_true", help="skip run.wait_for_peers (the barrier at exit)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--worker", metavar="OUT_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
                 failures += 1
                 print(proc.stderr[-4000:], flush=True)
     print(f"{args.runs - failures}/{args.runs} runs started and stopped cleanly"
-          + (" (without _wait_for_peers)" if args.no_wait else ""), flush=True)
+          + (" (without wait_for_peers)" if args.no_wait else ""), flush=True)
     return 1 if failures else 0
 
 

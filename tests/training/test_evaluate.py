@@ -1,8 +1,8 @@
 """Held-out metrics from the fused statistics, checked against float64 explicit logits.
 
-The oracle forms every logit in float64 and applies the definitions of fused_concept/_evaluate.py:
-global / content perplexity, mean concept mass, concept accuracy (argmax in the set, gold included)
-and token accuracy.
+The oracle forms every logit in float64 and applies the definitions of the metrics registry
+(fused_concept/training/metrics.py): global / content perplexity, mean concept mass, concept accuracy
+(argmax in the set, gold included) and token accuracy.
 """
 import math
 
@@ -36,21 +36,22 @@ def _oracle_metrics(logits64, targets, concepts, ignore_index=-100):
         else:
             ce_other.append(ce)
     return {
-        "ppl": math.exp(sum(ce_valid) / len(ce_valid)),
-        "content_ppl": math.exp(sum(ce_content) / len(ce_content)),
-        "noncontent_ppl": math.exp(sum(ce_other) / len(ce_other)),
-        "concept_mass": sum(mass_content) / len(mass_content),
-        "concept_acc": concept_hits / len(ce_content),
-        "token_acc": token_hits / len(ce_valid),
-        "valid_tokens": len(ce_valid),
-        "content_tokens": len(ce_content),
+        "heldout.perplexity": math.exp(sum(ce_valid) / len(ce_valid)),
+        "heldout.content_perplexity": math.exp(sum(ce_content) / len(ce_content)),
+        "heldout.noncontent_perplexity": math.exp(sum(ce_other) / len(ce_other)),
+        "heldout.concept_mass": sum(mass_content) / len(mass_content),
+        "heldout.concept_accuracy": concept_hits / len(ce_content),
+        "heldout.token_accuracy": token_hits / len(ce_valid),
+        "heldout.tokens": len(ce_valid),
+        "heldout.content_tokens": len(ce_content),
     }
 
 
 def _assert_metrics_close(got, want, rel=1e-5):
-    for key in ("ppl", "content_ppl", "noncontent_ppl", "concept_mass"):
+    for key in ("heldout.perplexity", "heldout.content_perplexity", "heldout.noncontent_perplexity",
+                "heldout.concept_mass"):
         assert got[key] == pytest.approx(want[key], rel=rel), key
-    for key in ("concept_acc", "token_acc", "valid_tokens", "content_tokens"):
+    for key in ("heldout.concept_accuracy", "heldout.token_accuracy", "heldout.tokens", "heldout.content_tokens"):
         assert got[key] == want[key], key
 
 
@@ -72,16 +73,17 @@ def test_metric_sums_match_explicit_logits():
     _, stats = concept_loss(hidden, weight, targets, concepts, reduction="sum", return_stats=True)
     got = metrics_from_sums(metric_sums(stats, targets, concepts))
     want = _oracle_metrics(logits64, targets, concepts)
-    assert 0 < want["token_acc"] < want["concept_acc"] < 1  # the oracle exercises both kinds of hit
+    # the oracle exercises both kinds of hit
+    assert 0 < want["heldout.token_accuracy"] < want["heldout.concept_accuracy"] < 1
     _assert_metrics_close(got, want)
 
 
 def test_metrics_undefined_without_content_rows():
     sums = torch.tensor([4.0, 8.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     metrics = metrics_from_sums(sums)
-    assert metrics["ppl"] == pytest.approx(math.exp(2.0))
-    assert metrics["token_acc"] == 0.25
-    assert math.isnan(metrics["content_ppl"]) and math.isnan(metrics["concept_mass"])
+    assert metrics["heldout.perplexity"] == pytest.approx(math.exp(2.0))
+    assert metrics["heldout.token_accuracy"] == 0.25
+    assert math.isnan(metrics["heldout.content_perplexity"]) and math.isnan(metrics["heldout.concept_mass"])
 
 
 def _tiny_model(seed=0):
@@ -108,7 +110,7 @@ def test_evaluate_model_matches_explicit_logits():
         logits64 = (model.model(ids[:, :-1]).last_hidden_state.double()
                     @ model.lm_head.weight.double().t())
     want = _oracle_metrics(logits64.reshape(-1, 96), ids[:, 1:].reshape(-1), concepts[:, 1:].reshape(-1, 3))
-    assert want["content_tokens"] < want["valid_tokens"] == 55
+    assert want["heldout.content_tokens"] < want["heldout.tokens"] == 55
     for batch_size in (1, 5):  # the sums combine batches exactly
         rows = {}
         got = evaluate(model, ids, concepts, batch_size=batch_size, impl="torch", rows=rows)

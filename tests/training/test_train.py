@@ -15,7 +15,9 @@ import torch
 
 from fused_concept.training.cli import build_parser, main
 from fused_concept.training.data import DataError, default_corpus_text, load_text, split_train_heldout
-from fused_concept.training.loop import TrainConfig, _lr_factor, _step_sequences, train
+from fused_concept.training.config import TrainConfig
+from fused_concept.training.loop import step_sequences, train
+from fused_concept.training.run import lr_factor
 from helpers.tiny import SEQ, VOCAB, small_config, tiny_data, tiny_model
 
 def paper_objective_f64(logits, targets, concepts, lam, margin):
@@ -45,9 +47,9 @@ def test_three_steps_match_float64_explicit_logits_training(tmp_path):
     # oracle: the same three steps, full fine-tuning, float64, explicit logits
     params = [p for p in oracle.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     for step in range(3):
-        chosen = _step_sequences(step, config.batch_size, data.train_ids.shape[0], config.seed)
+        chosen = step_sequences(step, config.batch_size, data.train_ids.shape[0], config.seed)
         ids = data.train_ids[chosen]
         logits = oracle(ids[:, :-1]).logits.reshape(-1, VOCAB)
         loss = paper_objective_f64(logits, ids[:, 1:].reshape(-1), data.train_concepts[chosen, 1:].reshape(-1, 3),
@@ -200,8 +202,8 @@ def test_too_short_corpus_names_the_sizes():
 
 
 def test_paper_recipe_and_departures():
-    from fused_concept.training.loop import PAPER_SETTINGS
-    from fused_concept.training.recipes import departures, resolve_schedule
+    from fused_concept.training.config import resolve_schedule
+    from fused_concept.training.recipes import PAPER_SETTINGS, departures
 
     paper = TrainConfig.paper(num_train=24)
     assert departures(paper) == [] and paper.lr == 7e-5 and paper.lora_dropout == 0.2 and paper.seq_len == 256
@@ -216,6 +218,8 @@ def test_paper_recipe_and_departures():
     assert config.lr == 1e-4 and config.weight_decay == 0.05 and config.epochs == 5 and config.seq_len == 256
 
 
+# peft's own warning when another tool loads the adapters (the application filters it: run.quiet_peft)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_adapters_saved_in_peft_format(tmp_path):
     from peft import PeftModel
 
@@ -233,8 +237,10 @@ def test_adapters_saved_in_peft_format(tmp_path):
 def test_sweep_table_plot_and_paired_intervals(tmp_path):
     from fused_concept.training.sweep import sweep
 
-    config = small_config(tmp_path, steps=2, lora=False)
+    config = small_config(tmp_path, steps=2, lora=False, load_in_4bit=True)  # a sweep copies one model: never 4-bit
     summary = sweep(config, [0.0, 0.5], str(tmp_path / "sweep"), model=tiny_model(), tokenizer=None, data=tiny_data())
+    recorded = json.loads((tmp_path / "sweep" / "lam-0.5" / "metrics.json").read_text())
+    assert recorded["config"]["load_in_4bit"] is False and "load_in_4bit=False (paper True)" in recorded["notes"]
     for name in ("sweep.json", "sweep.md", "sweep.png"):
         assert (tmp_path / "sweep" / name).stat().st_size > 100
     twin, run = summary["runs"]["0"], summary["runs"]["0.5"]
@@ -274,9 +280,9 @@ def test_eval_command_reproduces_the_run_from_its_adapters(tmp_path):
                          concept_cache=str(tmp_path / "cache"))
     trained = train(config)
     assert trained["after"]["heldout.content_tokens"] > 0 and trained["data"]["seq_len"] == 12
-    evaluated = main(["eval", "--adapters", str(tmp_path / "run" / "adapters"), "--out", str(tmp_path / "eval"),
-                      "--model", config.model, "--data", config.data, "--seq-len", "12", "--num-train", "4",
-                      "--num-heldout", "3", "--top-k", "8", "--no-word-similarity", "--no-progress",
+    evaluated = main(["eval", "--adapters", str(tmp_path / "run" / "adapters"),
+                      "--out-dir", str(tmp_path / "eval"), "--model", config.model, "--data", config.data,
+                      "--seq-len", "12", "--num-heldout", "3", "--top-k", "8", "--no-word-similarity", "--no-progress",
                       "--concept-cache", config.concept_cache])
     assert evaluated == 0
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
