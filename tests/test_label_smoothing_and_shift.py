@@ -66,9 +66,9 @@ def test_label_smoothing_reports_the_gold_nll_and_changes_the_loss():
 
 
 def test_gradcheck_float64_label_smoothing_and_shift():
-    h, w, b, y, c, _ = make_inputs(n=8, v=23, d=5, k=3, seed=340, dtype=torch.float64, ignored=(2,),
+    h, w, b, y, c, _ = make_inputs(n=8, v=13, d=3, k=3, seed=340, dtype=torch.float64, ignored=(2,),
                                    empty_rows=(), dup=False)
-    h3 = h.detach().reshape(2, 4, 5).requires_grad_()
+    h3 = h.detach().reshape(2, 4, 3).requires_grad_()
     fn = lambda h_, w_, b_: fc.concept_loss(h_, w_, y.reshape(2, 4), c.reshape(2, 4, 3), bias=b_, impl="torch",
                                             label_smoothing=0.3, shift=True, softcap=4.0, margin=0.9)
     assert torch.autograd.gradcheck(fn, (h3, w, b), eps=1e-6, atol=1e-7, rtol=1e-5, nondet_tol=1e-12)
