@@ -17,7 +17,7 @@ import math
 import os
 import platform
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from fused_concept.training import metrics as registry
 from fused_concept.training.config import ConfigError, resolve_schedule, validate
@@ -38,35 +38,72 @@ def check_lams(lams: Sequence[float]) -> None:
         raise ConfigError("lam", list(lams), "the values must differ")
 
 
-def sweep(config, lams: Sequence[float], out_dir: str, *, model=None, tokenizer=None, data=None) -> Dict:
-    """Train one run per lambda (see the module docstring); returns what sweep.json holds. `model`,
-    `tokenizer` and `data` replace the loaded ones, as in `train` (tests pass tiny ones)."""
+def parse_seeds(text: str) -> List[int]:
+    """--seeds as typed: comma-separated integers >= 0, all different (``"1,2,3"``)."""
+    try:
+        seeds = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise ConfigError("seeds", text, "must be comma-separated integers, e.g. 1,2,3") from None
+    check_seeds(seeds, shown=text)
+    return seeds
+
+
+def check_seeds(seeds: Optional[Sequence[int]], *, shown=None) -> None:
+    """Seeds for a sweep (None: the config's one seed): at least one, each an integer >= 0, all different."""
+    if seeds is None:
+        return
+    shown = ",".join(str(s) for s in seeds) if shown is None else shown
+    if not seeds:
+        raise ConfigError("seeds", shown, "give at least one seed")
+    for seed in seeds:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError("seeds", shown, "each seed must be an integer >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("seeds", shown, "the seeds must differ")
+
+
+def run_dir(out_dir: str, lam: float, seed: Optional[int] = None) -> str:
+    """A sweep run's folder: ``out_dir/lam-<lam>``, or ``out_dir/seed-<seed>/lam-<lam>`` under --seeds."""
+    return os.path.join(out_dir, *([] if seed is None else [f"seed-{seed}"]), f"lam-{lam:g}")
+
+
+def sweep(config, lams: Sequence[float], out_dir: str, *, seeds: Optional[Sequence[int]] = None, model=None,
+          tokenizer=None, data=None) -> Dict:
+    """Train one run per lambda (per seed, with `seeds`: see the module docstring); returns what sweep.json
+    holds. `model`, `tokenizer` and `data` replace the loaded ones, as in `train` (tests pass tiny ones)."""
     from fused_concept.training.checkpoints import resume_point
     from fused_concept.training.loop import train
     from fused_concept.training.run import load_named_model, log
 
     check_lams(lams)
+    check_seeds(seeds)
     if config.load_in_4bit:  # the runs train copies of one model loaded here, never a 4-bit one: record that
         log("load_in_4bit: a sweep loads the base model once, in full precision, and trains a copy per lambda")
         config = dataclasses.replace(config, load_in_4bit=False)
-    configs = {lam: dataclasses.replace(config, lam=lam, out_dir=os.path.join(out_dir, f"lam-{lam:g}"))
-               for lam in lams}
+    configs = {(seed, lam): dataclasses.replace(config, lam=lam, seed=config.seed if seed is None else seed,
+                                                out_dir=run_dir(out_dir, lam, seed))
+               for seed in (seeds or [None]) for lam in lams}
     for run_config in configs.values():  # every run's settings, and its checkpoint under --resume, first
         validate(run_config)
         resume_point(resolve_schedule(run_config))
     t_start = time.time()
     if model is None:
         model, tokenizer = load_named_model(config)
-    runs = {}
-    for lam, run_config in configs.items():
-        before = runs[lams[0]]["before"] if runs else None  # same model, same data: evaluated once
-        runs[lam] = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data, before=before)
-    return summarize(config, lams, out_dir, seconds=time.time() - t_start)
+    before = None  # same model, same data: evaluated once (the seed only changes LoRA init and data order)
+    for (seed, lam), run_config in configs.items():
+        log(f"sweep: seed {run_config.seed}, lam {lam:g}")
+        outcome = train(run_config, model=copy.deepcopy(model), tokenizer=tokenizer, data=data, before=before)
+        before = outcome["before"]
+    return summarize(config, lams, out_dir, seeds=seeds, seconds=time.time() - t_start)
 
 
-def summarize(config, lams: Sequence[float], out_dir: str, *, seconds=None) -> Dict:
+def summarize(config, lams: Sequence[float], out_dir: str, *, seeds: Optional[Sequence[int]] = None,
+              seconds=None) -> Dict:
     """The table, plot and sweep.json of runs already in ``out_dir/lam-<lam>`` (what `sweep` does after
     training them; also usable on runs trained separately with the same options)."""
+    if seeds is not None:
+        return {seed: summarize(config, lams, os.path.join(out_dir, f"seed-{seed}"), seconds=seconds)
+                for seed in seeds}
     runs = {}
     for lam in lams:
         with open(os.path.join(out_dir, f"lam-{lam:g}", "metrics.json")) as handle:
