@@ -233,7 +233,7 @@ def format_report(summary: Dict) -> str:
     """sweep.md: the table, the per-seed differences, and the per-word view of each lambda > 0."""
     from fused_concept.training.per_word import format_word_table
 
-    parts = [f"`{summary['command']}` (seeds {', '.join(str(s) for s in summary['seeds'])})", format_table(summary),
+    parts = [format_table(summary), f"`{summary['command']}` (seeds {', '.join(str(s) for s in summary['seeds'])}). "
              "Cells: mean over seeds (± their standard deviation); perplexities of lam > 0 add the difference "
              "from lam = 0 and its 95% interval (" + ("hierarchical bootstrap: seeds, then held-out rows, "
              "paired by seed" if len(summary["seeds"]) > 1 else "paired bootstrap over held-out rows") + ")."]
@@ -258,7 +258,7 @@ def plot(summary: Dict, path: str) -> None:
     for ax, m in zip(axes.reshape(-1), shown):
         values = [summary["runs"][k]["after"].get(m.name, float("nan")) for k in summary["runs"]]
         ax.errorbar(lams, values, yerr=_error_bars(summary, m.name, values), marker="o", capsize=3,
-                    label="after training" + (" (mean of seeds)" if len(summary["seeds"]) > 1 else ""))
+                    label="after training" + (" (mean of seeds)" if len(summary.get("seeds", [])) > 1 else ""))
         _seed_dots(ax, summary, m.name, lams)
         if m.name in summary["before"]:
             ax.axhline(summary["before"][m.name], color="gray", linestyle="--", label="before")
