@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train once per --lam value (same data, concept sets, seed), then write one table "
         "(sweep.md, sweep.json) and one plot (sweep.png) of every metric against lambda to --out-dir.")
     sweep.add_argument("--lam", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="lambda values")
+    sweep.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                       help="train every lambda once per seed (comma-separated, e.g. 1,2,3) into OUT_DIR/seed-S/; "
+                       "intervals then include the spread across seeds (default: the one --seed)")
     _add_config_options(sweep, SWEEP)
     return parser
 
@@ -113,6 +116,7 @@ def _config(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
         shown = {k: v for k, v in recipes.settings(TrainConfig, args.recipe).items() if k in vars(args)}
         if args.command == SWEEP:
             shown.pop("lam", None)
+            shown.update(recipes.sweep_defaults(args.recipe))
         sub.set_defaults(**shown)
         args = parser.parse_args(argv)
     names = {item.name for item in fields_of(args.command)} - ({"lam"} if args.command == SWEEP else set())
@@ -131,9 +135,10 @@ def _check(args, config: TrainConfig) -> TrainConfig:
     else:
         validate(config, args.command)
     if args.command == SWEEP:
-        from fused_concept.training.sweep import check_lams
+        from fused_concept.training.sweep import check_lams, parse_seeds
 
         check_lams(args.lam)
+        args.seeds = None if args.seeds is None else parse_seeds(args.seeds)
     check_data_argument(config.data)
     return config
 
@@ -150,7 +155,7 @@ def _run(args, config: TrainConfig) -> None:
     else:
         from fused_concept.training.sweep import sweep
 
-        sweep(config, args.lam, config.out_dir)
+        sweep(config, args.lam, config.out_dir, seeds=args.seeds)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -43,12 +43,16 @@ def metric_sums(stats, targets: torch.Tensor, concepts: torch.Tensor, ignore_ind
 
 def _append_rows(rows: Dict[str, list], stats, targets: torch.Tensor, concepts: torch.Tensor,
                  ignore_index: int = -100) -> None:
-    """Per-row gold NLL and content flags of the valid rows, in order (for paired bootstrap intervals)."""
+    """Per-row gold NLL, content flags, gold token ids and concept-set sizes (ids listed, gold included) of
+    the valid rows, in order (for paired bootstrap intervals and the sweep's per-word view)."""
     targets = targets.reshape(-1)
     valid = targets != ignore_index
-    content = content_rows(targets, concepts.reshape(valid.shape[0], -1), ignore_index)
+    concepts = concepts.reshape(valid.shape[0], -1)
+    content = content_rows(targets, concepts, ignore_index)
     rows.setdefault("nll", []).extend(stats.ce.reshape(-1)[valid].double().tolist())
     rows.setdefault("content", []).extend(content[valid].tolist())
+    rows.setdefault("target", []).extend(targets[valid].tolist())
+    rows.setdefault("set_size", []).extend((concepts[valid] != -1).sum(dim=1).tolist())
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -64,7 +68,8 @@ def evaluate(model, ids: torch.Tensor, concepts: torch.Tensor, *, batch_size: in
     Under ``torch.distributed`` (``world_size`` > 1) each rank evaluates every ``world_size``-th sequence
     and the sums are all-reduced, so every rank returns the same metrics. When ``rows`` is a dict (one
     process only), it receives the per-row gold NLL (``"nll"``) and content flag (``"content"``) of the
-    valid rows, in sequence order, for paired bootstrap intervals."""
+    valid rows, in sequence order, for paired bootstrap intervals, and their gold ids (``"target"``) and
+    concept-set sizes (``"set_size"``)."""
     from fused_concept import concept_loss
     from fused_concept.integrations.hf import hidden_and_head
 

@@ -100,7 +100,7 @@ def test_paper_recipe_file_holds_the_papers_settings():
     assert os.path.isfile(os.path.join(TRAINING, "recipes", "paper.toml"))
     assert PAPER_SETTINGS == _PAPER and list(PAPER_SETTINGS) == list(_PAPER)
     assert all(type(PAPER_SETTINGS[k]) is type(v) for k, v in _PAPER.items())  # metrics.json records them as is
-    assert recipes.names() == ["default", "paper"]
+    assert recipes.names() == ["default", "medium", "paper"]
     assert recipes.apply(TrainConfig, "paper", lr=1.0).lr == 1.0
     assert "Llama-3.2-1B" in recipes.PAPER_SCALE
     setup_py = open(os.path.join(os.path.dirname(PACKAGE), "setup.py")).read()

@@ -1,7 +1,8 @@
 """Recipes: named sets of training settings, as TOML files in this folder (``paper.toml``: the paper's).
 
 A recipe file has a ``[settings]`` table whose keys are `TrainConfig` fields and an ``[about]`` table
-(``name``, ``scale``: what the recipe trains on, in words). ``--recipe NAME`` (a file here) or ``--recipe
+(``name``, ``scale``: what the recipe trains on, in words), and optionally a ``[sweep]`` table (``lam``, ``seeds``:
+the sweep command's defaults under that recipe; ``medium.toml``: the CPU medium setting). ``--recipe NAME`` (a file here) or ``--recipe
 PATH.toml`` (any file) starts a run from its settings instead of the CPU default job's; options given
 explicitly still win. ``default`` is the job `TrainConfig`'s own defaults describe (no file).
 Every run lists its departures from the paper's recipe (`departures`) and records them in metrics.json.
@@ -64,6 +65,25 @@ def settings(config_class, name: str) -> Dict:
     if unknown:
         raise RecipeError(name, "unknown setting(s) " + ", ".join(unknown) + " (not TrainConfig fields)")
     return values
+
+
+def sweep_defaults(name: str) -> Dict:
+    """The recipe's ``[sweep]`` table as the sweep command's defaults: ``lam`` (a list of numbers) and
+    ``seeds`` (a list of integers, given to the command as ``--seeds`` text); {} when it has none."""
+    table = read(name).get("sweep", {})
+    unknown = sorted(set(table) - {"lam", "seeds"})
+    if unknown:
+        raise RecipeError(name, "unknown [sweep] key(s) " + ", ".join(unknown) + " (lam, seeds)")
+    out = {}
+    if "lam" in table:
+        if not isinstance(table["lam"], list) or not all(isinstance(v, (int, float)) for v in table["lam"]):
+            raise RecipeError(name, "[sweep] lam must be a list of numbers")
+        out["lam"] = [float(v) for v in table["lam"]]
+    if "seeds" in table:
+        if not isinstance(table["seeds"], list) or not all(isinstance(v, int) for v in table["seeds"]):
+            raise RecipeError(name, "[sweep] seeds must be a list of integers")
+        out["seeds"] = ",".join(str(v) for v in table["seeds"])
+    return out
 
 
 def apply(config_class, name: str, **overrides):
