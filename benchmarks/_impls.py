@@ -29,12 +29,25 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
+# inputs="peaked": h_i = PEAKED_SIGNAL * W_y / |W_y|^2 + PEAKED_NOISE * N(0, I): the target's logit sits
+# PEAKED_SIGNAL above a noise of standard deviation 2 * PEAKED_NOISE (W ~ N(0, 4/D): |W_v|^2 ~ 4), so the
+# softmax is as peaked as a trained model's on real text. Calibrated by `python -m benchmarks.peaked` on
+# SmolLM2-135M's final hidden states on English news text (benchmarks/results/2026-12-04-peaked): mean max
+# probability 0.41 / entropy 3.31 nats / target probability 0.27 against the model's 0.37 / 3.25 / 0.22 (at
+# V = 49152, D = 576); 128 x 128 logit tiles whose largest probability is < 2^-12: 0.0% against 0.8%.
+PEAKED_SIGNAL = 16.0
+PEAKED_NOISE = 2.0
+INPUT_KINDS = ("gaussian", "peaked")
+
+
 def make_inputs(n, d, v, k, dtype=torch.float32, device="cpu", seed=0, ignored_fraction=0.05,
-                content_fraction=0.5):
+                content_fraction=0.5, inputs="gaussian", signal=None, noise=None):
     """Random inputs of one benchmark case (fresh, never zeros).
 
-    ``hidden`` ~ N(0, 1) and ``weight`` ~ N(0, 4/D), so logits have a standard deviation of
-    about 2, like a trained LM head. About ``ignored_fraction`` of the rows carry
+    ``inputs="gaussian"``: ``hidden`` ~ N(0, 1) and ``weight`` ~ N(0, 4/D), so logits have a standard
+    deviation of about 2 and a near-uniform softmax (every tile of it matters). ``inputs="peaked"``: the same
+    weight, hidden states built from the target's head row plus noise (PEAKED_SIGNAL, PEAKED_NOISE, or
+    ``signal`` / ``noise``), calibrated on a real model. About ``ignored_fraction`` of the rows carry
     ``ignore_index``. With ``k > 0`` about ``content_fraction`` of the valid rows list between
     1 and ``k`` concept ids (the rest are ``-1`` pads); the listed ids are distinct and differ
     from the gold id, so the naive transcription needs no de-duplication. ``k == 0`` gives
@@ -61,9 +74,20 @@ def make_inputs(n, d, v, k, dtype=torch.float32, device="cpu", seed=0, ignored_f
         pad |= no_concept[:, None]
         concepts[pad] = -1
         concepts = concepts.to(device)
+    if inputs == "peaked":
+        hidden = peaked_hidden(weight, targets.clamp_min(0).to(device), hidden,
+                               PEAKED_SIGNAL if signal is None else signal, PEAKED_NOISE if noise is None else noise)
+    elif inputs != "gaussian":
+        raise ValueError(f"inputs must be one of {INPUT_KINDS}, got {inputs!r}")
     hidden = hidden.to(dtype)
     weight = weight.to(dtype)
     return hidden, weight, targets.to(device), concepts
+
+
+def peaked_hidden(weight, targets, gaussian, signal, noise):
+    """signal * W_y / |W_y|^2 + noise * gaussian, per row (float32, in place of `gaussian`'s values)."""
+    rows = weight[targets]
+    return (rows * (signal / rows.pow(2).sum(1, keepdim=True))).add_(gaussian, alpha=noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +235,7 @@ class Implementation:
                 importlib.import_module(self.module)
             except Exception as exc:  # ImportError, or a broken install
                 return f"not installed ({self.module}: {type(exc).__name__})"
-        if self.name in ("reference", "torch") or self.name.startswith("triton"):
+        if self.name in ("reference", "torch", "auto") or self.name.startswith("triton"):
             try:
                 import fused_concept  # noqa: F401
 
@@ -232,6 +256,13 @@ IMPLEMENTATIONS = {
                        "fused_concept.concept_loss(impl='torch')", True, ("cpu", "cuda")),
         Implementation("triton", _package_loss("triton"),
                        "fused_concept.concept_loss(impl='triton')", True, ("cuda",)),
+        Implementation("triton_rows", _package_loss("triton", {"strategy": "rows"}),
+                       "concept_loss(impl='triton', kernel_options={'strategy': 'rows'}): row chunks, logits on "
+                       "cuBLAS, one row kernel per chunk, the gradient formed in the forward (6 NDV)",
+                       True, ("cuda",)),
+        Implementation("auto", _package_loss("auto"),
+                       "concept_loss(impl='auto'): what a user gets without choosing (the torch path on CUDA "
+                       "and CPU today, see dispatch.resolve)", True, ("cpu", "cuda")),
         Implementation("triton_filter_off", _package_loss("triton", {"filter_eps": 0.0}),
                        "concept_loss(impl='triton', kernel_options={'filter_eps': 0.0}): no tile filter",
                        True, ("cuda",)),

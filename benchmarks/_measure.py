@@ -113,6 +113,8 @@ _EXECUTED = {
     "torch": (6, 4, "logit gradient formed during the forward sweep (no recompute), dH, dW"),
     "gemm_floor": (6, 6, "the three products"),
     "liger": (6, 4, "logit gradient formed in the forward (chunked, no recompute), dH, dW"),
+    "triton_rows": (6, 4, "strategy rows: logits, dH, dW once each on cuBLAS (gradient formed in the forward)"),
+    "auto": (6, 4, "impl='auto' is the torch path: logit gradient formed during the forward sweep, dH, dW"),
 }
 
 
@@ -209,6 +211,41 @@ def _count_tiles(fn, hidden, weight, targets, concepts):
     return counted
 
 
+def _ok_fields(case, fwd_times, bwd_times, tiles, fwd_peak, bwd_peak, base_inputs, base_grads, fwd_reset,
+               bwd_reset):
+    """The measured fields of a case that ran: times, FLOP rates, memory and how it was measured."""
+    n, d, v = case["n"], case["d"], case["v"]
+    frozen = case.get("head") == "frozen"
+    device = case["device"]
+    fwd, bwd = summarize_times(fwd_times), summarize_times(bwd_times)
+    useful = flops_fwd_bwd(n, d, v, frozen)
+    executed, how = flops_executed(case, tiles)
+    return dict(
+        status="ok",
+        fwd=fwd,
+        fwd_bwd=bwd,
+        tflops_fwd=flops_fwd(n, d, v) / fwd["median_s"] / 1e12,
+        flops_fwd_bwd_useful=useful,
+        tflops_fwd_bwd=useful / bwd["median_s"] / 1e12,
+        flops_fwd_bwd_executed=executed,
+        tflops_fwd_bwd_executed=None if executed is None else executed / bwd["median_s"] / 1e12,
+        flops_executed_how=how,
+        tiles=None if tiles is None else {"total": tiles.total, "kept": tiles.kept},
+        mem_fwd_peak_above_inputs_mib=None if fwd_peak is None else max(fwd_peak, 0) / MIB,
+        mem_fwd_bwd_transient_mib=None if bwd_peak is None else max(bwd_peak, 0) / MIB,
+        mem_fwd_bwd_peak_above_inputs_mib=(None if bwd_peak is None else
+                                           max(bwd_peak + base_grads - base_inputs, 0) / MIB),
+        mem_fwd_bwd_peak_mib=(None if bwd_peak is None or device != "cuda" else
+                              (bwd_peak + base_grads) / MIB),
+        mem_method=("cuda allocator peak (max_memory_allocated), reset per repeat"
+                    if device == "cuda" else
+                    "VmHWM of a fresh child process, " + (
+                        "reset per repeat" if fwd_reset and bwd_reset else
+                        "NOT resettable here: peak of the first timed repeat of each phase "
+                        "only, and the forward+backward figure may include the forward's")),
+    )
+
+
 def measure_case(case):
     """Time and memory of one (implementation, shape, dtype, head, softcap) case, in this process."""
     result = dict(case)
@@ -233,8 +270,8 @@ def measure_case(case):
             gc.collect()
             _sync(device)
 
-        hidden, weight, targets, concepts = make_inputs(n, d, v, k, dtype, device,
-                                                        seed=case.get("seed", 0))
+        hidden, weight, targets, concepts = make_inputs(n, d, v, k, dtype, device, seed=case.get("seed", 0),
+                                                        inputs=case.get("inputs", "gaussian"))
         hidden.requires_grad_(True)
         weight.requires_grad_(not frozen)
         gc.collect()
@@ -262,7 +299,8 @@ def measure_case(case):
         bwd_times, bwd_peak, bwd_reset = _phase(fn, hidden, weight, targets, concepts,
                                                 backward=True, device=device, warmup=case["warmup"],
                                                 repeats=case["repeats"], mem_base=base_grads)
-        tiles = _count_tiles(fn, hidden, weight, targets, concepts) if case["impl"].startswith("triton") else None
+        counted = case["impl"].startswith("triton") and case["impl"] not in _EXECUTED  # the recompute strategies
+        tiles = _count_tiles(fn, hidden, weight, targets, concepts) if counted else None
     except Exception as exc:  # recorded, never dropped
         if _is_oom(exc):
             result.update(status="OOM", note=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -270,33 +308,8 @@ def measure_case(case):
             result.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}",
                           traceback=traceback.format_exc()[-2000:])
         return result
-    fwd, bwd = summarize_times(fwd_times), summarize_times(bwd_times)
-    useful = flops_fwd_bwd(n, d, v, frozen)
-    executed, how = flops_executed(case, tiles)
-    result.update(
-        status="ok",
-        fwd=fwd,
-        fwd_bwd=bwd,
-        tflops_fwd=flops_fwd(n, d, v) / fwd["median_s"] / 1e12,
-        flops_fwd_bwd_useful=useful,
-        tflops_fwd_bwd=useful / bwd["median_s"] / 1e12,
-        flops_fwd_bwd_executed=executed,
-        tflops_fwd_bwd_executed=None if executed is None else executed / bwd["median_s"] / 1e12,
-        flops_executed_how=how,
-        tiles=None if tiles is None else {"total": tiles.total, "kept": tiles.kept},
-        mem_fwd_peak_above_inputs_mib=None if fwd_peak is None else max(fwd_peak, 0) / MIB,
-        mem_fwd_bwd_transient_mib=None if bwd_peak is None else max(bwd_peak, 0) / MIB,
-        mem_fwd_bwd_peak_above_inputs_mib=(None if bwd_peak is None else
-                                           max(bwd_peak + base_grads - base_inputs, 0) / MIB),
-        mem_fwd_bwd_peak_mib=(None if bwd_peak is None or device != "cuda" else
-                              (bwd_peak + base_grads) / MIB),
-        mem_method=("cuda allocator peak (max_memory_allocated), reset per repeat"
-                    if device == "cuda" else
-                    "VmHWM of a fresh child process, " + (
-                        "reset per repeat" if fwd_reset and bwd_reset else
-                        "NOT resettable here: peak of the first timed repeat of each phase "
-                        "only, and the forward+backward figure may include the forward's")),
-    )
+    result.update(_ok_fields(case, fwd_times, bwd_times, tiles, fwd_peak, bwd_peak, base_inputs, base_grads,
+                             fwd_reset, bwd_reset))
     return result
 
 
@@ -323,7 +336,8 @@ def accuracy_case(case):
         result.update(status="skipped", note=reason)
         return result
     hidden, weight, targets, concepts = make_inputs(case["n"], case["d"], case["v"], case["k"],
-                                                    dtype, device, seed=case.get("seed", 0))
+                                                    dtype, device, seed=case.get("seed", 0),
+                                                    inputs=case.get("inputs", "gaussian"))
     loss64, dh64, dw64 = float64_loss_and_grads(hidden, weight, targets, concepts, softcap)
     try:
         hidden.requires_grad_(True)

@@ -31,11 +31,11 @@ PLAIN_CE_PEERS = ("torch_lce_chunked", "liger", "cce")
 
 
 def _case(group, impl, n, d, v, k, dtype, device, warmup, repeats, label=None,
-          fwd_repeats=None, head="trainable", softcap=None, prewarm=True):
+          fwd_repeats=None, head="trainable", softcap=None, prewarm=True, inputs="gaussian"):
     return {"group": group, "label": label, "impl": impl, "n": n, "d": d, "v": v, "k": k,
             "dtype": dtype, "device": device, "warmup": warmup, "repeats": repeats,
             "fwd_repeats": repeats if fwd_repeats is None else fwd_repeats, "seed": 0,
-            "head": head, "softcap": softcap, "prewarm": prewarm}
+            "head": head, "softcap": softcap, "prewarm": prewarm, "inputs": inputs}
 
 
 def _headline_cases(shape, dtype, device, impls_k, impls_ce, warmup, repeats,
@@ -100,31 +100,38 @@ def cpu_plan(quick):
 
 def suite_cases(shapes, classes, dtype, device, warmup, repeats, fwd_repeats, prewarm=True):
     """The GPU suite's cases, most important first (a run cut short by its time budget keeps these):
-    at the Llama-3-8B shape, impl="triton" and impl="torch" at K=11 and K=0 with a trainable and a
-    frozen head, the plain-CE peers and the naive loss at K=0, Triton without its tile filter, the
-    naive loss at K=11; then the Gemma-2-2B shape (softcap 30); then triton and torch with a trainable
-    and a frozen head at each of `classes` (smaller heads)."""
+    at the Llama-3-8B shape, Triton's strategy "rows" (triton_rows), the default Triton strategy and the
+    torch path at K=11 and K=0 with a trainable and a frozen head, impl="auto", the plain-CE peers and the
+    naive loss at K=0, Triton without its tile filter, the naive loss at K=11; then the Gemma-2-2B shape
+    (softcap 30); then the Llama-3-8B shape on "peaked" inputs (benchmarks/_impls.py: a trained model's
+    confidence, where tile filters can skip); then triton_rows, triton and torch with a trainable and a
+    frozen head at each of `classes` (smaller heads)."""
     llama, gemma = shapes
     cases = []
 
-    def add(shape, impl, k, head="trainable"):
+    def add(shape, impl, k, head="trainable", inputs="gaussian"):
+        label = shape["name"] + ("" if inputs == "gaussian" else f" ({inputs})")
         cases.append(_case("headline", impl, shape["n"], shape["d"], shape["v"], k, dtype, device, warmup,
-                           repeats, shape["name"], fwd_repeats, head=head, softcap=shape.get("softcap"),
-                           prewarm=prewarm))
+                           repeats, label, fwd_repeats, head=head, softcap=shape.get("softcap"),
+                           prewarm=prewarm, inputs=inputs))
 
     for head in ("trainable", "frozen"):
         for k in (HEADLINE_K, 0):
-            for impl in ("triton", "torch"):
+            for impl in ("triton_rows", "triton", "torch"):
                 add(llama, impl, k, head)
+    add(llama, "auto", HEADLINE_K)
     for impl in ("liger", "cce", "naive", "triton_filter_off", "torch_lce_chunked"):
         add(llama, impl, 0)
     add(llama, "naive", HEADLINE_K)
-    for impl, k in (("triton", HEADLINE_K), ("torch", HEADLINE_K), ("triton", 0), ("torch", 0), ("liger", 0),
-                    ("cce", 0), ("naive", 0)):
+    for impl, k in (("triton_rows", HEADLINE_K), ("triton", HEADLINE_K), ("torch", HEADLINE_K), ("triton_rows", 0),
+                    ("triton", 0), ("torch", 0), ("liger", 0), ("cce", 0), ("naive", 0)):
         add(gemma, impl, k)
+    for impl, k in (("triton_rows", HEADLINE_K), ("torch", HEADLINE_K), ("triton_rows", 0), ("liger", 0), ("cce", 0),
+                    ("triton", 0)):
+        add(llama, impl, k, inputs="peaked")
     for shape in classes:
         for head in ("trainable", "frozen"):
-            for impl in ("triton", "torch"):
+            for impl in ("triton_rows", "triton", "torch"):
                 add(shape, impl, HEADLINE_K, head)
     return cases
 
@@ -162,7 +169,7 @@ def dry_plan(device):
     order, which covers every code path the suite takes in half its cases, and one sweep point (the plots)."""
     seen, cases = set(), []
     for case in suite_cases(DRY_HEADLINES, DRY_SHAPE_CLASSES, "bfloat16", device, 0, 1, 1, prewarm=False):
-        kind = (case["impl"], case["head"], case["softcap"] is not None)
+        kind = (case["impl"], case["head"], case["softcap"] is not None, case["inputs"])
         if kind not in seen:
             seen.add(kind)
             cases.append(case)
@@ -171,15 +178,18 @@ def dry_plan(device):
 
 def accuracy_plan(device, dry=False):
     """Small-shape error checks against float64: every implementation, K in {0, 11}, float32 and
-    bfloat16, and with softcap 30 at K=0 (the dry run: float32 and bfloat16, fewer implementations)."""
+    bfloat16, with softcap 30 at K=0, and K=11 on peaked inputs (the dry run: fewer implementations,
+    peaked in bfloat16 only)."""
     n, d, v = (64, 32, 512) if dry else (256, 64, 4096)
-    impls = ("naive", "torch", "triton") if dry else CONCEPT_IMPLS + PLAIN_CE_PEERS
+    impls = (("naive", "torch", "triton", "triton_rows") if dry
+             else CONCEPT_IMPLS + ("triton_rows", "auto") + PLAIN_CE_PEERS)
     cases = []
     for dtype in ("float32", "bfloat16"):
         for impl in impls:
-            for k, softcap in ((0, None), (HEADLINE_K, None), (0, 30.0)):
-                if impl in PLAIN_CE_PEERS and k:
+            for k, softcap, inputs in ((0, None, "gaussian"), (HEADLINE_K, None, "gaussian"), (0, 30.0, "gaussian"),
+                                       (HEADLINE_K, None, "peaked")):
+                if (impl in PLAIN_CE_PEERS and k) or (dry and inputs == "peaked" and dtype == "float32"):
                     continue
                 cases.append({"impl": impl, "n": n, "d": d, "v": v, "k": k, "dtype": dtype,
-                              "device": device, "seed": 3, "softcap": softcap})
+                              "device": device, "seed": 3, "softcap": softcap, "inputs": inputs})
     return cases

@@ -130,9 +130,9 @@ def markdown_report(report):
         "MiB: fwd peak above the inputs; fwd+bwd transient = peak minus inputs and gradients; peak = "
         "the allocator's absolute peak (CUDA).",
         "",
-        "| group | impl | N | D | V | K | dtype | head | softcap | fwd ms | fwd+bwd ms | TFLOP/s | executed "
+        "| group | impl | N | D | V | K | dtype | head | softcap | inputs | fwd ms | fwd+bwd ms | TFLOP/s | executed "
         "TFLOP/s | fwd peak MiB | fwd+bwd transient MiB | fwd+bwd peak MiB | status |",
-        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in report["cases"]:
         ok = c["status"] == "ok"
@@ -140,7 +140,7 @@ def markdown_report(report):
         lines.append(
             f"| {c['group']} | {c['impl']} | {c['n']} | {c['d']} | {c['v']} | {c['k']} "
             f"| {c['dtype']} | {c.get('head', 'trainable')} | {_num(c.get('softcap'), 'g')} "
-            f"| {_ms(c.get('fwd'))} | {_ms(c.get('fwd_bwd'))} "
+            f"| {c.get('inputs', 'gaussian')} | {_ms(c.get('fwd'))} | {_ms(c.get('fwd_bwd'))} "
             f"| {_num(c.get('tflops_fwd_bwd'), '.3f')} | {_num(c.get('tflops_fwd_bwd_executed'), '.3f')} "
             f"| {_mib(c.get('mem_fwd_peak_above_inputs_mib'))} "
             f"| {_mib(c.get('mem_fwd_bwd_transient_mib'))} | {_mib(c.get('mem_fwd_bwd_peak_mib'))} | {status} |")
@@ -150,16 +150,23 @@ def markdown_report(report):
         "",
         "loss: |l - l64| / |l64|; d_hidden, d_weight: max|g - g64| / max|g64|.",
         "",
-        "| impl | N | D | V | K | dtype | softcap | loss err | d_hidden err | d_weight err | status |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| impl | N | D | V | K | dtype | softcap | inputs | loss err | d_hidden err | d_weight err | status |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|",
     ]
     for a in report["accuracy"]:
         status = "ok" if a["status"] == "ok" else f"{a['status']}: {a.get('note', '')}"
         lines.append(
             f"| {a['impl']} | {a['n']} | {a['d']} | {a['v']} | {a['k']} | {a['dtype']} "
-            f"| {_num(a.get('softcap'), 'g')} "
+            f"| {_num(a.get('softcap'), 'g')} | {a.get('inputs', 'gaussian')} "
             f"| {_num(a.get('loss_rel_err'), '.1e')} | {_num(a.get('d_hidden_err'), '.1e')} "
             f"| {_num(a.get('d_weight_err'), '.1e')} | {status} |")
+    micro = report.get("chunk_micro")
+    if micro:
+        from benchmarks.chunk_micro import lines as micro_lines
+
+        lines += ["", "## Strategy rows: the pieces of one chunk", "", "```"]
+        lines += micro_lines(micro) if micro.get("status") == "ok" else [f"{micro['status']}: {micro.get('note')}"]
+        lines += ["```"]
     lines += ["", "## Implementations", ""]
     for name, impl in report["implementations"].items():
         note = "available" if impl["available"] else f"skipped: {impl['note']}"

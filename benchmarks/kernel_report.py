@@ -55,7 +55,8 @@ def _plan():
     """[(launch config name, dtype class, dtype, feature dict)]: every configuration the dispatcher can
     choose, each with its features all on (bias, softcap, and the filter or label smoothing, which exclude
     each other: the most registers), for bf16, fp16 and fp32 matrix kernels (bf16 and fp32 for the gather
-    kernels, whose code does not depend on the 16-bit format), plus the variants the defaults run: chunk_matmul without skip lists (filter off:
+    kernels, whose code does not depend on the 16-bit format; strategy "rows"' chunk_rows in its FUSED and
+    GIVEN launch modes), plus the variants the defaults run: chunk_matmul without skip lists (filter off:
     float32's default) and the kernels without bias / softcap."""
     from fused_concept.kernels import configs
 
@@ -81,6 +82,7 @@ def _plan():
         for skip in skips:
             plan.append(("chunk_matmul", cls, dt, dict(ACCUMULATE=True, A_TRANSPOSED=False, SKIP=skip)))
             plan.append(("chunk_matmul", cls, dt, dict(ACCUMULATE=False, A_TRANSPOSED=True, SKIP=skip)))
+        plan += _chunk_rows_plan(cls, dt)
         if dt == "16bit-fp16":
             continue
         plan.append(("sparse_logits", cls, dt, dict(_FULL, HAS_SOFT=True, REDUCE=True, STORE_Z=False)))
@@ -97,7 +99,26 @@ def _plan():
     plan.append(("dense_grad_chunk", "16bit", "16bit-bf16", _owner("OWNER_CHUNK", DO_DH=False, DO_DW=False,
                                                                    DO_DB=False, FILTER=True, HAS_SPARSE=True,
                                                                    **plain, **no_uniform)))
+    plan.append(("chunk_rows", "16bit", "16bit-bf16", dict(_ROWS_FUSED, HAS_BIAS=False, HAS_SOFTCAP=False,
+                                                           HAS_SOFT=False, HAS_MARGIN=False, HAS_ZLOSS=False,
+                                                           HAS_UNIFORM=False, SUM_LOGITS=False, BLOCK_J=16,
+                                                           b_ptr=None, soft_w_ptr=None, zsum_ptr=None)))
     assert {(k, c) for k, c, _, _ in plan} == set(configs.all_configs(90))
+    return plan
+
+
+# strategy "rows" (kernels/chunk_rows.py): the forward's FUSED launch and the backward's GIVEN launch, each with
+# every feature it can take; BLOCK_J (ids per row, per call) 32: a soft set of K = 15 with its target
+_ROWS_FUSED = dict(FUSED=True, coef_dense_ptr=None, coef_target_ptr=None, coef_set_ptr=None, uni_ptr=None)
+_ROWS_GIVEN = dict(FUSED=False, HAS_MARGIN=False, HAS_ZLOSS=False, SUM_LOGITS=False, g_ptr=None, alpha_ptr=None,
+                   beta_ptr=None, max_ptr=None, arg_ptr=None, target_ptr=None, soft_dot_ptr=None, zsum_ptr=None)
+
+
+def _chunk_rows_plan(cls: str, dt: str):
+    full = dict(_FULL, HAS_SOFT=True, HAS_UNIFORM=True, BLOCK_J=32)
+    plan = [("chunk_rows", cls, dt, dict(full, **_ROWS_FUSED, HAS_MARGIN=True, HAS_ZLOSS=True, SUM_LOGITS=True))]
+    if dt != "16bit-fp16":
+        plan.append(("chunk_rows", cls, dt, dict(full, **_ROWS_GIVEN)))
     return plan
 
 
@@ -134,6 +155,17 @@ def _signature(kernel: str, fp: str, features: dict):
                      **({"stride_am": 1} if transposed else {"stride_ak": 1}))
         if not features["SKIP"]:
             extra.update(list_ptr=None, count_ptr=None, LIST_ROWS=1, LIST_K=1)
+    elif kernel == "chunk_rows":
+        from fused_concept.kernels import chunk_rows
+
+        fn = chunk_rows._chunk_rows_kernel
+        f32 = "*fp32"
+        sig = dict(z_ptr=fp, b_ptr=fp, ids_ptr="*i64", soft_w_ptr=f32, g_ptr=f32, alpha_ptr=f32, beta_ptr=f32,
+                   coef_dense_ptr=f32, coef_target_ptr=f32, coef_set_ptr=f32, uni_ptr=f32, max_ptr=f32,
+                   arg_ptr="*i64", lse_ptr=f32, target_ptr=f32, set_lse_ptr=f32, soft_dot_ptr=f32, zsum_ptr=f32,
+                   C="i32", V="i32", J="i32", S="i32", vocab_start="i32", softcap="fp32", margin="fp32",
+                   z_loss="fp32", target_scale="fp32", uni_scale="fp32", stride_z="i32", stride_b="i32")
+        extra = dict(EMULATE_RNE=False)
     elif kernel == "sparse_logits":
         fn = sparse_logits._sparse_logits_kernel
         sig = dict(h_ptr=fp, w_ptr=fp, b_ptr=fp, ids_ptr="*i64", soft_w_ptr="*fp32", z_ptr="*fp32",
@@ -176,7 +208,7 @@ def _source(kernel: str, dt: str, features: dict, blocks: dict):
         sig.setdefault(k, "constexpr")
     sig = {k: sig[k] for k in jit_fn.arg_names}
     # row strides and D (multiples of 16 for the usual model shapes); chunk is a multiple of BLOCK_N
-    multiples = {"D", "stride_hn", "stride_wv", "chunk"}
+    multiples = {"D", "stride_hn", "stride_wv", "chunk", "stride_z"}  # stride_z: V of the usual heads
     if kernel == "chunk_matmul":  # M, K: rows and chunk width of dR_c; N: D
         multiples |= {"N", "stride_am", "stride_ak", "stride_bk", "stride_cm"}
     aligned = [i for i, k in enumerate(jit_fn.arg_names)

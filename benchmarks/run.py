@@ -72,6 +72,15 @@ def _checks(fast, k):
          "median_s"),
         ("K=0: triton / triton_filter_off time", ("triton", 0, t), ("triton_filter_off", 0, t), "fwd_bwd", None,
          "median_s"),
+        # Triton's strategy "rows" against the torch path (what impl="auto" is), the default Triton strategy
+        (f"K={k}: triton_rows / torch time", ("triton_rows", k, t), ("torch", k, t), "fwd_bwd", None, "median_s"),
+        ("K=0: triton_rows / torch time", ("triton_rows", 0, t), ("torch", 0, t), "fwd_bwd", None, "median_s"),
+        (f"K={k}, frozen head: triton_rows / torch time", ("triton_rows", k, f), ("torch", k, f), "fwd_bwd", None,
+         "median_s"),
+        (f"K={k}: triton_rows / triton time", ("triton_rows", k, t), ("triton", k, t), "fwd_bwd", None, "median_s"),
+        (f"K={k}: triton_rows / torch transient memory", ("triton_rows", k, t), ("torch", k, t),
+         "mem_fwd_bwd_transient_mib", None, None),
+        (f"K={k}: auto / torch time", ("auto", k, t), ("torch", k, t), "fwd_bwd", None, "median_s"),
     ]
     for peer in ("liger", "cce"):
         checks.append((f"K=0: {fast} / {peer} time", (fast, 0, t), (peer, 0, t), "fwd_bwd", None, "median_s"))
@@ -96,7 +105,7 @@ def headline_summary(cases):
         lines.append(f"{label} (N={any_case['n']}, D={any_case['d']}, V={any_case['v']}, "
                      f"{any_case['dtype']}{cap}, {any_case['device']}), forward+backward, median of "
                      f"{any_case['repeats']}:")
-        fast = "triton" if "triton" in planned else "torch"
+        fast = next(impl for impl in ("triton_rows", "triton", "torch") if impl in planned or impl == "torch")
         for text, num, den, field, limit, key in _checks(fast, _plans.HEADLINE_K):
             if num[0] not in planned or den[0] not in planned:
                 continue
@@ -137,6 +146,27 @@ def _matmul_peak(args):
     return matmul_peak("cpu", torch.float32, 256 if args.plan == "dry" else 2048, repeats=3)
 
 
+def _chunk_micro(args):
+    """The per-chunk pieces of Triton's strategy "rows" (benchmarks/chunk_micro.py) on CUDA and in the dry
+    run (the interpreter); None elsewhere; an error is recorded, not raised."""
+    from benchmarks import chunk_micro
+
+    if args.device != "cuda" and args.plan != "dry":
+        return None
+    t0 = time.perf_counter()
+    try:
+        result = chunk_micro.run(args.device, dry=args.plan == "dry")
+    except Exception as exc:  # recorded, never dropped
+        result = {"status": "error", "note": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    else:
+        print("\n".join(chunk_micro.lines(result)), flush=True)
+        result["status"] = "ok"
+    result["wall_s"] = time.perf_counter() - t0
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), required=True)
@@ -159,6 +189,34 @@ def parse_args(argv):
                         "as skipped); the JSON is rewritten after every case")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
+
+
+def _new_report(args, argv):
+    """The report's header (machine, versions, settings, the matmul rate, which implementations can run)."""
+    report = {
+        "schema": SCHEMA,
+        "date": now_utc(),
+        "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in argv),
+        "machine": machine_info(args.device),
+        "versions": versions(),
+        "settings": {"quick": args.quick, "plan": args.plan, "device": args.device,
+                     "cpu_memory": "fresh forkserver child per case; VmHWM reset per repeat",
+                     "flops_fwd_bwd": "useful: 6*N*D*V (4*N*D*V for a frozen head); executed: per "
+                                      "implementation, see each case's flops_executed_how",
+                     "flops_fwd": "2*N*D*V"},
+        "matmul_peak": _matmul_peak(args),
+        "implementations": {},
+        "cases": [],
+        "accuracy": [],
+    }
+    for name, impl in IMPLEMENTATIONS.items():
+        reason = impl.unavailable_reason(args.device)
+        report["implementations"][name] = {"description": impl.description,
+                                           "available": reason is None, "note": reason}
+        if reason is not None:
+            print(f"[bench] {name}: skipped ({reason})", flush=True)
+
+    return report
 
 
 def main(argv=None):
@@ -185,29 +243,7 @@ def main(argv=None):
         cases = [c for c in cases if c["impl"] in names]
         checks = [c for c in checks if c["impl"] in names]
 
-    report = {
-        "schema": SCHEMA,
-        "date": now_utc(),
-        "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in argv),
-        "machine": machine_info(args.device),
-        "versions": versions(),
-        "settings": {"quick": args.quick, "plan": args.plan, "device": args.device,
-                     "cpu_memory": "fresh forkserver child per case; VmHWM reset per repeat",
-                     "flops_fwd_bwd": "useful: 6*N*D*V (4*N*D*V for a frozen head); executed: per "
-                                      "implementation, see each case's flops_executed_how",
-                     "flops_fwd": "2*N*D*V"},
-        "matmul_peak": _matmul_peak(args),
-        "implementations": {},
-        "cases": [],
-        "accuracy": [],
-    }
-    for name, impl in IMPLEMENTATIONS.items():
-        reason = impl.unavailable_reason(args.device)
-        report["implementations"][name] = {"description": impl.description,
-                                           "available": reason is None, "note": reason}
-        if reason is not None:
-            print(f"[bench] {name}: skipped ({reason})", flush=True)
-
+    report = _new_report(args, argv)
     json_path = os.path.join(args.out, "results.json")
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
@@ -236,6 +272,7 @@ def main(argv=None):
               f"{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
         _write_json(json_path, dict(report, partial=True, wall_time_s=time.perf_counter() - started))
 
+    report["chunk_micro"] = _chunk_micro(args)
     for check in checks:
         report["accuracy"].append(accuracy_case(check))
 

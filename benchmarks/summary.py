@@ -32,6 +32,13 @@ def short_table(report):
             lines.append(f"{str(c.get('label')):<14}{c['impl']:<19}{c['k']:>3} {head:<9}{'-':>11}{'-':>9}"
                          f"{'-':>9}{'-':>10}{'-':>10}  {c['status']}: {c.get('note', '')[:60]}")
     lines += report.get("headline_summary") or []
+    micro = report.get("chunk_micro")
+    if micro and micro.get("status") == "ok":
+        from benchmarks.chunk_micro import lines as micro_lines
+
+        lines += micro_lines(micro)
+    elif micro:
+        lines.append(f"chunk micro-benchmark: {micro.get('status')}: {micro.get('note', '')[:100]}")
     bad = [a for a in report.get("accuracy", []) if a["status"] == "error"]
     for a in bad:
         lines.append(f"accuracy check failed to run: {a['impl']} K={a['k']} {a['dtype']}: "

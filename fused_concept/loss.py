@@ -79,10 +79,13 @@ def concept_loss(
         impl: "auto" | "reference" | "torch" | "triton".
         return_stats: also return `ConceptStats(lse, ce, mass, argmax)`, shaped like targets (ce is the gold
             NLL, without label smoothing; token accuracy is `stats.argmax == targets`).
-        kernel_options: Triton backward switches (impl "triton", or "auto", which they make "triton"):
-            `deterministic` (default True: no atomics, bitwise-repeatable), `filter_eps` (skip gradient
-            tiles whose softmax values are all below it; default "auto" = off), `weight_pass`
-            ("chunked" | "sweep"); see kernels/README.md.
+        kernel_options: Triton switches (impl "triton", or "auto", which they make "triton"): `strategy`
+            ("recompute", the default: the backward recomputes the logits, least memory; "rows": row chunks
+            of logits on cuBLAS, the gradient formed in the forward, 6 N D V flops, with `chunk_mib` /
+            `chunk_rows` and `weight_accum` ("float32" | "weight"); "recompute_sweep"); for the recompute
+            strategies `deterministic` (default True: no atomics, bitwise-repeatable) and `filter_eps`
+            (skip gradient tiles whose softmax values are all below it; default "auto" = off); see
+            kernels/README.md.
 
     Returns:
         the loss (a scalar, or per-row shaped like targets for reduction="none"), and the stats when asked.

@@ -10,6 +10,8 @@ One kernel per module, each starting with the formula it computes and its grid:
   tile_lists          backward: a chunk's tile keep map -> ascending lists of kept tiles for chunk_matmul
   sparse_grad_hidden  backward: signed sparse coefficients at the K+1 ids per row into dH
   sparse_grad_weight  backward: the same coefficients, grouped by id, into dW / db (no atomics)
+  chunk_rows          strategy "rows": over one chunk of rows' logits (from cuBLAS), the row statistics and the
+                      logit gradient written in place (fused_concept/backends/triton_rows.py)
 
 `configs` chooses launch configurations; `python -m benchmarks.kernel_report --arch 80 --arch 90` compiles
 every one of them for those GPU architectures and prints registers, spills, shared memory and HGMMA use.

@@ -83,6 +83,13 @@ _GPU = {
         "16bit": LaunchConfig("16bit", {"BLOCK_U": 16, "BLOCK_K": 128}, 4, 1),
         "fp32": LaunchConfig("fp32", {"BLOCK_U": 16, "BLOCK_K": 128}, 4, 1),
     },
+    # strategy "rows": one program per BLOCK_R rows of a chunk's logits, BLOCK_V-wide blocks along the row
+    # (memory-bound: two reads and one write of the chunk); BLOCK_J (>= ids per row) is per call. Not
+    # measured on a GPU yet: one row per program, 16 elements per thread at 8 warps, as a start.
+    "chunk_rows": {
+        "16bit": LaunchConfig("16bit", {"BLOCK_R": 1, "BLOCK_V": 4096}, 8, 1),
+        "fp32": LaunchConfig("fp32", {"BLOCK_R": 1, "BLOCK_V": 2048}, 8, 1),
+    },
     # one program per tile row / column of a chunk's keep map; MAX (>= tiles per row and column) is per call
     "tile_lists": {
         "16bit": LaunchConfig("16bit", {}, 4, 1),
@@ -141,6 +148,8 @@ _INTERPRETER = {
     "sparse_grad_hidden": LaunchConfig("interpret", {"BLOCK_R": 128, "BLOCK_K": 128}, 4, 1),
     "sparse_grad_weight": LaunchConfig("interpret", {"BLOCK_U": 256, "BLOCK_K": 128}, 4, 1),
     "tile_lists": LaunchConfig("interpret", {}, 4, 1),
+    # several rows per program (the interpreter's cost is per program) and several blocks per row
+    "chunk_rows": LaunchConfig("interpret", {"BLOCK_R": 16, "BLOCK_V": 256}, 4, 1),
 }
 
 KERNELS = tuple(_GPU)

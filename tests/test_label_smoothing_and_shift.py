@@ -10,8 +10,9 @@ from helpers.checks import make_inputs
 from helpers.contract import rel_err
 from helpers.impls import IMPLS, check_contract, loss_fn, one_rank_group
 
-# Triton's backward strategies: the default chunked pass, the row / column sweeps, and the atomic tiles
-TRITON_PASSES = (None, dict(weight_pass="sweep"), dict(deterministic=False))
+# Triton's strategies: the default chunked recompute, the row / column sweeps, the atomic tiles, row chunks
+TRITON_PASSES = (None, dict(strategy="recompute_sweep"), dict(deterministic=False),
+                 dict(strategy="rows", chunk_rows=16))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +36,7 @@ def test_label_smoothing_matches_contract(impl, case):
     check_contract(impl, h, w, b, y, c, p, **opts)
 
 
-@pytest.mark.parametrize("kernel_options", TRITON_PASSES, ids=["chunked", "sweep", "atomic"])
+@pytest.mark.parametrize("kernel_options", TRITON_PASSES, ids=["chunked", "sweep", "atomic", "rows"])
 def test_label_smoothing_on_every_triton_backward(kernel_options):
     h, w, b, y, c, _ = make_inputs(seed=310)
     check_contract("triton", h, w, b, y, c, kernel_options=kernel_options, label_smoothing=0.2, softcap=9.0,

@@ -2,7 +2,8 @@
 of docs/internals.md over one vocabulary shard without storing [N, V] logits.
 
   torch_chunked   plain PyTorch, chunks of rows (any device; the CPU path)
-  triton_path     Triton kernels (``fused_concept.kernels``; CUDA, or the Triton interpreter)
+  triton_path     Triton kernels (``fused_concept.kernels``; CUDA, or the Triton interpreter): the strategies
+                  "recompute" / "recompute_sweep" here, "rows" in triton_rows
   products        the matrix products both use (tensor cores with float32 outputs on CUDA)
 
 Importing this package registers both with the seam; a backend module is imported when first used.
@@ -19,7 +20,8 @@ def _torch_backend() -> dispatch.Backend:
 def _triton_backend() -> dispatch.Backend:
     from fused_concept.backends import triton_path as p
 
-    return dispatch.Backend("triton", p.triton_partial_stats, p.triton_shard_grads, None, p.KERNEL_OPTIONS)
+    return dispatch.Backend("triton", p.triton_partial_stats, p.triton_shard_grads, p.triton_stats_and_grads,
+                            p.KERNEL_OPTIONS, _fuses_with=p.fuses_with, check_options=p.check_kernel_options)
 
 
 dispatch.register("torch", _torch_backend)

@@ -8,23 +8,27 @@ Forward (`triton_partial_stats`):
   * `_sparse_logits_kernel` is the indexed dot at the K+1 ids of each row (target, concept set, soft
     ids) and reduces them to target_logit, set_lse (online log-sum-exp) and soft_dot.
 
-Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms, picks one of four
-strategies, one function each (the owner modes of `_dense_grad_kernel` are named in kernels/dense_grad.py):
-  * `_chunked_grads` (the default, trainable or frozen head): per vocabulary chunk (<= _CHUNK_BYTES of
-    gradient) OWNER_CHUNK recomputes the logit tiles once, adds the sparse terms to the float32 tile and
-    writes the chunk's gradient dR_c [N, V_c] in the input dtype (one rounding); then dH += dR_c W_c
+Backward (`triton_shard_grads`), with dz_v = coef_dense exp(z_v - lse) - sparse terms, picks a strategy
+(kernel_options strategy=, see STRATEGIES), one function each (the owner modes of `_dense_grad_kernel` are
+named in kernels/dense_grad.py):
+  * strategy "rows" (triton_rows.py): row chunks of cuBLAS logits and one `_chunk_rows_kernel` per chunk;
+    with reduction "mean" / "sum" the gradient is formed in the forward (`triton_stats_and_grads`, 6 N D V
+    in all), otherwise the backward recomputes each chunk's logits.
+  * `_chunked_grads` (strategy "recompute", the default, trainable or frozen head): per vocabulary chunk
+    (<= _CHUNK_BYTES of gradient) OWNER_CHUNK recomputes the logit tiles once, adds the sparse terms to the
+    float32 tile and writes the chunk's gradient dR_c [N, V_c] in the input dtype (one rounding); then dH += dR_c W_c
     (float32 dH) and, for a trainable head, dW_c = dR_c^T H (stored in the weight's dtype), db_c = column
     sums. The products run on cuBLAS for 16-bit inputs on a GPU (`_product`), else on
     `_chunk_matmul_kernel`; with a tile filter the keep map of each chunk becomes two lists of kept tiles
     (`_tile_lists_kernel`) and `_chunk_matmul_kernel` skips the dropped tiles.
     2 N D V (recompute) + 2 N D V (dH) [+ 2 N D V (dW)] x kept fraction flops.
-  * `_hidden_sweep` (weight_pass="sweep"): OWNER_ROWS owns row tiles of dH and sweeps the vocabulary (in
-    slices when N is small), parking GROUP gradient tiles in a scratch slab and multiplying them out
+  * `_hidden_sweep` (strategy "recompute_sweep"): OWNER_ROWS owns row tiles of dH and sweeps the vocabulary
+    (in slices when N is small), parking GROUP gradient tiles in a scratch slab and multiplying them out
     together. On the H200 it ran a frozen head's backward 2x slower than the chunked strategy did.
-  * `_weight_sweep` (weight_pass="sweep", trainable head): plus a persistent OWNER_COLUMNS sweep for
+  * `_weight_sweep` (strategy "recompute_sweep", trainable head): plus a persistent OWNER_COLUMNS sweep for
     dW / db (8 N D V flops in all, no [N, chunk] buffer).
-  * `_atomic_grads` (deterministic=False): OWNER_ATOMIC, one launch over (row tile, vocab tile) pairs
-    adding with float32 atomics (6 N D V flops, not reproducible).
+  * `_atomic_grads` (strategy "recompute", deterministic=False): OWNER_ATOMIC, one launch over (row tile,
+    vocab tile) pairs adding with float32 atomics (6 N D V flops, not reproducible).
   The sweep and atomic strategies add the sparse terms afterwards (`_add_sparse_terms`: the
   `_sparse_grad_hidden_kernel` / `_sparse_grad_weight_kernel` pair, pairs sorted by id, no atomics).
 
@@ -56,7 +60,17 @@ from fused_concept.core.rowmath import Needs, RowGrad, ShardGrads, ShardStats
 from fused_concept.backends.products import mm_into, wide_products
 
 # The keyword switches of `triton_shard_grads` that users pass as concept_loss(kernel_options=...).
-KERNEL_OPTIONS = ("deterministic", "filter_eps", "weight_pass", "vocab_splits", "chunk_columns")
+KERNEL_OPTIONS = ("strategy", "deterministic", "filter_eps", "vocab_splits", "chunk_columns", "chunk_rows",
+                  "chunk_mib", "weight_accum")
+# kernel_options strategy=: "recompute" (the default: the forward keeps row statistics, the backward
+# recomputes the logits in vocabulary chunks; least memory), "recompute_sweep" (the same without a chunk
+# buffer, persistent sweeps), "rows" (row chunks of cuBLAS logits, the gradient formed in the forward:
+# triton_rows.py)
+STRATEGIES = ("recompute", "recompute_sweep", "rows")
+DEFAULT_STRATEGY = "recompute"
+_RECOMPUTE_ONLY = ("vocab_splits", "chunk_columns")
+_RENAMED = {"weight_pass": 'kernel_options weight_pass was renamed: weight_pass="chunked" is now '
+                           'strategy="recompute" (the default) and weight_pass="sweep" strategy="recompute_sweep"'}
 
 # Programs wanted in flight per streaming multiprocessor before a sweep splits the vocabulary.
 _PROGRAMS_PER_SM = 2
@@ -393,7 +407,7 @@ def _chunked_grads(b: _Backward, needs: Needs, chunk_columns: Optional[int]) -> 
 
 
 def _hidden_sweep(b: _Backward, vocab_splits: Optional[int]) -> Tensor:
-    """Strategy "frozen-head sweep" (deterministic; also the d_hidden half of weight_pass="sweep"): row
+    """Strategy "frozen-head sweep" (deterministic; also the d_hidden half of strategy "recompute_sweep"): row
     tiles of dH own their rows and sweep the vocabulary (OWNER_ROWS), in slices when N is small; the
     slices' float32 partials are summed in a fixed order. Dense part only (sparse terms: _add_sparse_terms)."""
     n, d = b.hidden.shape
@@ -421,7 +435,7 @@ def _hidden_sweep(b: _Backward, vocab_splits: Optional[int]) -> Tensor:
 
 
 def _weight_sweep(b: _Backward, needs: Needs) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Strategy "weight sweep" (weight_pass="sweep", or a trainable bias on a frozen weight): persistent
+    """Strategy "weight sweep" (strategy "recompute_sweep", or a trainable bias on a frozen weight): persistent
     programs own vocabulary tiles of dW / db and sweep all rows (OWNER_COLUMNS); float32 outputs, no
     [N, chunk] buffer, a second logit recompute. Dense part only (sparse terms: _add_sparse_terms)."""
     n, d = b.hidden.shape
@@ -499,26 +513,80 @@ def _add_sparse_terms(b: _Backward, grads: ShardGrads) -> None:
         num_stages=c.num_stages, **c.blocks)
 
 
-def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, deterministic: bool = True,
-                       filter_eps="auto", vocab_splits: Optional[int] = None, weight_pass: str = "chunked",
-                       chunk_columns: Optional[int] = None) -> ShardGrads:
-    """(d_hidden [N, D], d_weight [V, D], d_bias [V]) for this shard; None where not needed.
+def check_kernel_options(options: dict) -> None:
+    """ValueError for a bad kernel_options value or combination (the seam calls it before checking keys)."""
+    for old, message in _RENAMED.items():
+        if old in options:
+            raise ValueError(message)
+    strategy = options.get("strategy", DEFAULT_STRATEGY)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"kernel_options strategy must be one of {STRATEGIES}, got {strategy!r}")
+    from fused_concept.backends import triton_rows
 
-    Picks one of four strategies (each a function above):
-      deterministic, weight_pass="chunked" (default)  -> _chunked_grads (6 N D V flops; 4 for a frozen head)
-      weight_pass="sweep", deterministic                -> _hidden_sweep [+ _weight_sweep] (4 [+ 4] N D V)
-      deterministic=False                                               -> _atomic_grads (6 N D V, atomics)
-    d_hidden is float32. d_weight / d_bias are in the weight's / bias's dtype from the chunked strategy and
-    float32 from the others. grad holds the merged (global) lse / set_lse and the per-row coefficients.
-    filter_eps: drop dense tiles whose every softmax probability is below it ("auto": off, see
-    AUTO_FILTER_EPS; 0 = off); the chunked strategy then skips their dH and dW products.
-    vocab_splits: vocabulary slices of the d_hidden sweep (default: enough to fill the GPU within
-    _SPLIT_BYTES of float32 partials; 1 under the interpreter). chunk_columns: vocabulary ids per chunk
-    of the chunked strategy (default: _CHUNK_BYTES of gradient in the input dtype)."""
+    filter_threshold(options.get("filter_eps", "auto"), torch.float32)
+    if strategy == "rows":
+        wrong = [k for k in _RECOMPUTE_ONLY if options.get(k) is not None]
+        wrong += ["filter_eps"] if options.get("filter_eps", "auto") not in ("auto", 0, 0.0) else []
+        wrong += ["deterministic"] if options.get("deterministic", True) is not True else []
+        if wrong:
+            raise ValueError(f'kernel_options {wrong} apply to the recompute strategies, not strategy="rows" '
+                             '(which has no tile filter and no atomics)')
+        triton_rows.rows_options(**{k: options[k] for k in triton_rows.OPTIONS if k in options})
+    else:
+        wrong = [k for k in triton_rows.OPTIONS if k in options]
+        if wrong:
+            raise ValueError(f'kernel_options {wrong} apply to strategy="rows" only, got strategy={strategy!r}')
+
+
+def fuses_with(options: dict) -> bool:
+    """Whether these kernel_options form the gradient during the forward (strategy "rows")."""
+    return options.get("strategy", DEFAULT_STRATEGY) == "rows"
+
+
+def triton_stats_and_grads(canon: Canonical, *, row_scale: Tensor, needs: Needs, strategy: str = "rows",
+                           deterministic: bool = True, filter_eps="auto", chunk_rows: Optional[int] = None,
+                           chunk_mib=None, weight_accum: str = "float32"):
+    """Strategy "rows" for a device holding the whole vocabulary: (ShardStats, ShardGrads) of the loss
+    sum_i row_scale_i loss_i in one sweep (triton_rows.rows_stats_and_grads)."""
+    from fused_concept.backends import triton_rows
+
     _check(canon.hidden, canon.weight, canon.bias)
     _softcap_arg(canon.softcap)
-    if weight_pass not in ("chunked", "sweep"):
-        raise ValueError(f'weight_pass must be "chunked" or "sweep", got {weight_pass!r}')
+    check_kernel_options(dict(strategy=strategy, deterministic=deterministic, filter_eps=filter_eps))
+    opts = triton_rows.rows_options(chunk_rows, triton_rows.DEFAULT_CHUNK_MIB if chunk_mib is None else chunk_mib,
+                                    weight_accum)
+    stats, grads = triton_rows.rows_stats_and_grads(canon, row_scale=row_scale, needs=needs, opts=opts)
+    _count_uncounted()
+    return stats, grads
+
+
+def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, strategy: str = DEFAULT_STRATEGY,
+                       deterministic: bool = True, filter_eps="auto", vocab_splits: Optional[int] = None,
+                       chunk_columns: Optional[int] = None, chunk_rows: Optional[int] = None, chunk_mib=None,
+                       weight_accum: str = "float32") -> ShardGrads:
+    """(d_hidden [N, D], d_weight [V, D], d_bias [V]) for this shard; None where not needed.
+
+    Picks one of four strategies (each a function above, or triton_rows.py); backward flops:
+      strategy="recompute" (default), deterministic  -> _chunked_grads (6 N D V; 4 for a frozen head)
+      strategy="recompute", deterministic=False      -> _atomic_grads (6 N D V, float32 atomics)
+      strategy="recompute_sweep"                     -> _hidden_sweep [+ _weight_sweep] (4 [+ 4] N D V)
+      strategy="rows"                                -> triton_rows.rows_shard_grads (6 N D V, 4 frozen; the
+                                                        fused forward makes this backward unnecessary)
+    d_hidden is float32 (rows: the input dtype). d_weight / d_bias are in the weight's / bias's dtype from
+    the chunked strategy, float32 from the others (rows: see weight_accum). grad holds the merged (global)
+    lse / set_lse and the per-row coefficients.
+    filter_eps (recompute strategies): drop dense tiles whose every softmax probability is below it ("auto":
+    off, see AUTO_FILTER_EPS; 0 = off); the chunked strategy then skips their dH and dW products.
+    vocab_splits: vocabulary slices of the d_hidden sweep (default: enough to fill the GPU within
+    _SPLIT_BYTES of float32 partials; 1 under the interpreter). chunk_columns: vocabulary ids per chunk
+    of the chunked strategy (default: _CHUNK_BYTES of gradient in the input dtype). chunk_rows, chunk_mib,
+    weight_accum: strategy "rows" (triton_rows.py)."""
+    _check(canon.hidden, canon.weight, canon.bias)
+    _softcap_arg(canon.softcap)
+    rows_kw = {k: v for k, v in dict(chunk_rows=chunk_rows, chunk_mib=chunk_mib).items() if v is not None}
+    check_kernel_options(dict(strategy=strategy, deterministic=deterministic, filter_eps=filter_eps,
+                              vocab_splits=vocab_splits, chunk_columns=chunk_columns, **rows_kw,
+                              **({} if weight_accum == "float32" else {"weight_accum": weight_accum})))
     eps = filter_threshold(filter_eps, canon.hidden.dtype)
     if eps > 0 and canon.label_smoothing:
         raise ValueError(f"kernel_options filter_eps={filter_eps!r} cannot be combined with label_smoothing="
@@ -526,11 +594,17 @@ def triton_shard_grads(canon: Canonical, grad: RowGrad, needs: Needs, *, determi
                          "skipped (leave filter_eps at its default)")
     need_bias = needs.bias and canon.bias is not None
     if canon.num_rows == 0 or not (needs.hidden or needs.weight or need_bias):
-        return _empty_grads(canon, needs, chunked=deterministic and weight_pass == "chunked")
+        return _empty_grads(canon, needs, chunked=deterministic and strategy == "recompute")
+    if strategy == "rows":
+        from fused_concept.backends import triton_rows
+
+        _count_uncounted()
+        return triton_rows.rows_shard_grads(canon, grad, needs, triton_rows.rows_options(weight_accum=weight_accum,
+                                                                                       **rows_kw))
     b = _backward_inputs(canon, grad, eps)
     if not deterministic:
         grads = _atomic_grads(b, needs)
-    elif weight_pass == "chunked":
+    elif strategy == "recompute":
         return _chunked_grads(b, needs, chunk_columns)  # sparse terms included
     else:
         grads = ShardGrads(_hidden_sweep(b, vocab_splits) if needs.hidden else None, *_weight_sweep(b, needs))

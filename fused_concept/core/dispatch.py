@@ -3,8 +3,9 @@ of docs/internals.md over one vocabulary shard (`canon.weight`, global ids from 
 
     partial_stats(canon)                       -> ShardStats      (step 1)
     shard_grads(canon, grad, needs, **opts)    -> ShardGrads      (step 3, from the merged statistics)
-    stats_and_grads(canon, row_scale, needs)   -> (ShardStats, ShardGrads)   optional: both in one sweep,
-                                                  for a device that holds the whole vocabulary
+    stats_and_grads(canon, row_scale, needs, options) -> (ShardStats, ShardGrads)   optional: both in one
+                                                  sweep, for a device that holds the whole vocabulary (the
+                                                  torch path always; Triton with strategy="rows")
 
 `resolve(impl, device)` turns the user's `impl=` into a backend name and holds the one device guard.
 The single-device loss (loss.py) and the vocab-parallel loss (distributed.py) both go through here.
@@ -33,11 +34,17 @@ class Backend:
     _shard_grads: Callable[..., ShardGrads]
     _stats_and_grads: Optional[Callable[..., Tuple[ShardStats, ShardGrads]]] = None
     kernel_options: Tuple[str, ...] = ()  # keyword switches its shard_grads accepts (concept_loss's kernel_options)
+    # options -> whether those kernel_options make it fuse (None: always, when _stats_and_grads is given)
+    _fuses_with: Optional[Callable[[dict], bool]] = None
+    # options -> None, raising ValueError for a bad value or combination (before the unknown-key check, so
+    # that a renamed key can say its new name)
+    check_options: Optional[Callable[[dict], None]] = None
 
-    @property
-    def fuses(self) -> bool:
-        """Whether it can form the gradient of a summed loss during the forward sweep."""
-        return self._stats_and_grads is not None
+    def fuses(self, options: dict) -> bool:
+        """Whether, with these kernel_options, it forms the gradient of a summed loss during the forward sweep."""
+        if self._stats_and_grads is None:
+            return False
+        return self._fuses_with is None or self._fuses_with(options)
 
     def partial_stats(self, canon: Canonical) -> ShardStats:
         if canon.weight.shape[0] == 0:
@@ -55,12 +62,12 @@ class Backend:
                               torch.zeros_like(canon.bias) if needs.bias and canon.bias is not None else None)
         return self._shard_grads(canon, grad, needs, **options)
 
-    def stats_and_grads(self, canon: Canonical, *, row_scale: Tensor, needs: Needs):
+    def stats_and_grads(self, canon: Canonical, *, row_scale: Tensor, needs: Needs, options: Optional[dict] = None):
         # the non-finite policy: a NaN scale gives the hit rows a NaN logit gradient, as the recomputing
         # backward gets from their NaN lse (a saturated softcap would otherwise keep it finite)
         bad = nonfinite_rows(canon)
         row_scale = torch.where(bad, torch.full_like(row_scale, float("nan")), row_scale)
-        stats, grads = self._stats_and_grads(canon, row_scale=row_scale, needs=needs)
+        stats, grads = self._stats_and_grads(canon, row_scale=row_scale, needs=needs, **(options or {}))
         return poison_stats(stats, bad), grads
 
 
@@ -110,9 +117,12 @@ def resolve(impl: str, device: torch.device, *, kernel_options: Optional[dict] =
 def check_kernel_options(name: str, options: Optional[dict]) -> dict:
     """`options` (concept_loss's kernel_options) checked against what backend `name` accepts."""
     options = dict(options or {})
-    known = _FACTORIES[name]().kernel_options if name in _FACTORIES else ()
+    backend = _FACTORIES[name]() if name in _FACTORIES else None
+    known = backend.kernel_options if backend is not None else ()
     if options and not known:
         raise ValueError(f'kernel_options apply to impl="triton" only, but impl resolved to {name!r}')
+    if options and backend.check_options is not None:
+        backend.check_options(options)
     unknown = set(options) - set(known)
     if unknown:
         raise ValueError(f"unknown kernel_options {sorted(unknown)}; known: {list(known)}")

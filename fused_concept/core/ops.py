@@ -82,7 +82,7 @@ def _loss_forward(
     needs = Needs(fuse_hidden, fuse_weight, fuse_bias)
     if needs.any:
         scale = upstream_per_row(torch.ones((), device=hidden.device), valid, reduction)
-        stats, grads = chosen.stats_and_grads(canon, row_scale=scale, needs=needs)
+        stats, grads = chosen.stats_and_grads(canon, row_scale=scale, needs=needs, options=_decode(kernel_options))
     else:
         stats, grads = chosen.partial_stats(canon), ShardGrads(None, None, None)
     terms = row_terms(stats, canon)
@@ -185,7 +185,7 @@ def fused_loss(canon: Canonical, backend: str, reduction: str, kernel_options: d
     grad_mode = torch.is_grad_enabled()
     needs = Needs(hidden=grad_mode and canon.hidden.requires_grad, weight=grad_mode and canon.weight.requires_grad,
                   bias=grad_mode and canon.bias is not None and canon.bias.requires_grad)
-    fuse = dispatch.get(backend).fuses and reduction != "none" and needs.any
+    fuse = dispatch.get(backend).fuses(kernel_options) and reduction != "none" and needs.any
     loss, lse, ce, mass, argmax, *_ = torch.ops.fused_concept.loss_forward(
         *_flat(canon), backend, reduction, _encode(kernel_options), *(needs if fuse else (False, False, False)))
     return loss, ConceptStats(lse, ce, mass, argmax)

@@ -100,6 +100,16 @@ def test_sm90_matrix_loops_use_hgmma(rows):
         assert not any(r["wgmma_in_ptx"] for r in got if r["arch"] == 80)
 
 
+def test_chunk_rows_kernel_is_compiled_in_both_launch_modes(rows):
+    """Strategy "rows": the forward's FUSED launch (bf16, fp16, fp32, all features; bf16 without any) and the
+    backward's GIVEN launch (bf16, fp32), per architecture: 6 of them, none a matrix kernel."""
+    for version, got in rows.items():
+        for arch in (80, 90):
+            mine = [r for r in got if r["launch_config"] == "chunk_rows" and r["arch"] == arch]
+            assert len(mine) == 6, (version, arch)
+            assert sum("FUSED=1" in r["config"] for r in mine) == 4 and not any(r["matmul"] for r in mine)
+
+
 def test_matrix_loops_are_software_pipelined(rows):
     """Asynchronous copies (cp.async) in every 16-bit matrix kernel: the K loops are pipelined, also the
     chunk products that walk the skip lists (the tile index is loaded inside the loop)."""

@@ -22,6 +22,10 @@ from fused_concept.backends.triton_path import triton_partial_stats, triton_shar
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative tolerance (to the largest magnitude of the compared tensor) per input dtype
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# strategy "rows" takes its logits from the matrix product in the input dtype: a logit z errs by ~|z| 2^-9 in
+# bf16 (2^-12 in fp16), the softmax by as much relatively (its 16-bit gradients measured up to 2.2e-2 of their
+# largest entry in bf16 here, against ~3e-3 with the float32 logits of the recompute strategies)
+ROWS_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -164,14 +168,15 @@ def oracle_grads(c, softcap):
     return dict(lse=lse, set_lse=set_lse, dh=dz @ w, dw=dz.t() @ c["h"].double(), db=dz.sum(0))
 
 
-def assert_close(got, want, dtype, what):
+def assert_close(got, want, dtype, what, tol=None):
     got = got.detach().double().cpu()
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     if want.numel() == 0:
         return
+    tol = TOL[dtype] if tol is None else tol
     scale = max(float(want.abs().max()), 1e-3)
     err = float((got - want).abs().max())
-    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype]:.1g} x {scale:.3g}"
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:.1g} x {scale:.3g}"
 
 
 def check_stats(c, softcap, dtype, **kw):
@@ -202,14 +207,15 @@ def check_grads(c, softcap, dtype, *, need_hidden=True, need_weight=True, need_b
     assert (dh is None) == (not need_hidden)
     assert (dw is None) == (not need_weight)
     assert (db is None) == (not (need_bias and c["b_full"] is not None))
+    tol = ROWS_TOL[dtype] if kw.get("strategy") == "rows" else TOL[dtype]
     if dh is not None:
         assert dh.shape == c["h"].shape
-        assert_close(dh, want["dh"], dtype, "d_hidden")
+        assert_close(dh, want["dh"], dtype, "d_hidden", tol)
     if dw is not None:
         assert dw.shape == (c["vsh"], c["h"].shape[1])
-        assert_close(dw, want["dw"], dtype, "d_weight")
+        assert_close(dw, want["dw"], dtype, "d_weight", tol)
     if db is not None:
-        assert_close(db, want["db"], dtype, "d_bias")
+        assert_close(db, want["db"], dtype, "d_bias", tol)
     return dh, dw, db
 
 
@@ -231,14 +237,24 @@ CASES = [
     ("big-fp32-atomic-splits", (130, 4099, 80), 16, torch.float32,
      dict(bias=True, deterministic=False, vocab_splits=3)),
     ("big-bf16-soft-splits-sweep", (130, 4099, 80), 3, torch.bfloat16,
-     dict(soft=True, vocab_splits=4, softcap=10.0, bias=True, weight_pass="sweep")),
-    ("small-fp32-sweep", (37, 1001, 48), 5, torch.float32, dict(bias=True, weight_pass="sweep")),
+     dict(soft=True, vocab_splits=4, softcap=10.0, bias=True, strategy="recompute_sweep")),
+    ("small-fp32-sweep", (37, 1001, 48), 5, torch.float32, dict(bias=True, strategy="recompute_sweep")),
     ("small-bf16-one-chunk", (37, 1001, 48), 5, torch.bfloat16, dict(bias=True, chunk_columns=4096)),
     ("small-bf16-frozen-weight-trainable-bias", (37, 1001, 48), 4, torch.bfloat16,
      dict(need_weight=False, bias=True, softcap=20.0, filter_eps=0.0)),
     ("small-bf16-K11-no-filter", (37, 1001, 48), 11, torch.bfloat16, dict(bias=True, filter_eps=0.0)),
     ("small-fp32-frozen-sweep", (37, 1001, 48), 4, torch.float32,
-     dict(need_weight=False, bias=True, need_bias=False, weight_pass="sweep", vocab_splits=3)),
+     dict(need_weight=False, bias=True, need_bias=False, strategy="recompute_sweep", vocab_splits=3)),
+    # strategy "rows", its recomputing backward (GIVEN launches): vocabulary shards, several row chunks with
+    # a ragged last one, soft ids, softcap, both dW accumulations, a frozen head
+    ("rows-bf16-K11-shard", (130, 4099, 80), 11, torch.bfloat16,
+     dict(shard=(1500, 2077), bias=True, softcap=20.0, strategy="rows", chunk_rows=48)),
+    ("rows-fp32-soft-shard", (130, 4099, 80), 5, torch.float32,
+     dict(soft=True, shard=(0, 2050), softcap=30.0, bias=True, strategy="rows", chunk_rows=64)),
+    ("rows-fp16-K3-weight-accum", (37, 1001, 48), 3, torch.float16,
+     dict(bias=True, strategy="rows", chunk_rows=16, weight_accum="weight")),
+    ("rows-bf16-frozen-trainable-bias", (37, 1001, 48), 4, torch.bfloat16,
+     dict(need_weight=False, bias=True, soft=True, strategy="rows")),
 ]
 
 
@@ -542,7 +558,7 @@ def test_tile_counts_by_strategy():
         check_grads(c, None, torch.float32, need_weight=False, need_bias=False)
     assert frozen.total == chunked.total and frozen.kept == frozen.total
     with count_tiles() as sweep:
-        check_grads(c, None, torch.float32, need_weight=False, need_bias=False, weight_pass="sweep")
+        check_grads(c, None, torch.float32, need_weight=False, need_bias=False, strategy="recompute_sweep")
     assert sweep.kept is None
 
 

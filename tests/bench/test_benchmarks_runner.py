@@ -61,15 +61,19 @@ def test_json_schema(dry_run):
         assert got and all(c["status"] == "skipped" and c["note"] for c in got)
         assert report["implementations"][peer]["available"] is False
     headline = [c for c in report["cases"] if c["group"] == "headline"]
-    assert (out / "results.md").read_text().count("| headline |") == len(headline) == 14
+    assert (out / "results.md").read_text().count("| headline |") == len(headline) == 23
+    assert {c["inputs"] for c in headline} == {"gaussian", "peaked"}
 
 
 def test_cases_timed_and_measured(dry_run):
     report, _, _ = dry_run
     ok = [c for c in report["cases"] if c["status"] == "ok"]
-    assert {c["impl"] for c in ok} == {"naive", "torch", "triton", "triton_filter_off", "torch_lce_chunked"}
-    assert {c["head"] for c in ok if c["impl"] == "triton"} == {"trainable", "frozen"}
-    assert any(c["softcap"] == 30.0 for c in ok if c["impl"] == "triton")
+    assert {c["impl"] for c in ok} == {"naive", "torch", "triton", "triton_rows", "auto", "triton_filter_off",
+                                       "torch_lce_chunked"}
+    for impl in ("triton", "triton_rows"):
+        assert {c["head"] for c in ok if c["impl"] == impl} == {"trainable", "frozen"}
+        assert any(c["softcap"] == 30.0 for c in ok if c["impl"] == impl)
+    assert any(c["inputs"] == "peaked" for c in ok if c["impl"] == "triton_rows")
     for c in ok:
         assert len(c["fwd_bwd"]["times_s"]) == c["repeats"]
         assert len(c["fwd"]["times_s"]) == c["fwd_repeats"]
@@ -81,19 +85,23 @@ def test_cases_timed_and_measured(dry_run):
         assert c["mem_fwd_bwd_transient_mib"] is not None and c["mem_fwd_bwd_transient_mib"] >= 0
     for c in report["cases"]:
         assert c["status"] in ("ok", "skipped", "OOM", "error", "timeout")
-        if c["impl"] in ("naive", "torch", "triton", "torch_lce_chunked"):
+        if c["impl"] in ("naive", "torch", "triton", "triton_rows", "auto", "torch_lce_chunked"):
             assert c["status"] == "ok", c
 
 
 def test_flops_executed_from_tile_counts(dry_run):
-    """Triton: forward 2 + recompute 2 + (4, or 2 for a frozen head) x (kept / total) tiles, N D V units;
-    without its filter every tile is kept: 8 (6) N D V. The torch path: 6 (4)."""
+    """Triton's recompute strategies: forward 2 + recompute 2 + (4, or 2 for a frozen head) x (kept / total)
+    tiles, N D V units; without its filter every tile is kept: 8 (6) N D V. The torch path, impl="auto" (the
+    torch path) and Triton's strategy "rows": 6 (4)."""
     report, _, _ = dry_run
     for c in report["cases"]:
         if c["status"] != "ok":
             continue
         ndv = c["n"] * c["d"] * c["v"]
-        if c["impl"].startswith("triton"):
+        if c["impl"] in ("triton_rows", "auto"):
+            assert c["tiles"] is None
+            assert c["flops_fwd_bwd_executed"] == (4 if c["head"] == "frozen" else 6) * ndv
+        elif c["impl"].startswith("triton"):
             t = c["tiles"]
             products = 2 if c["head"] == "frozen" else 4
             assert 0 < t["kept"] <= t["total"]
@@ -111,12 +119,43 @@ def test_errors_against_float64_small(dry_run):
     report, _, _ = dry_run
     checked = [a for a in report["accuracy"] if a["status"] == "ok"]
     assert {(a["impl"], a["k"], a["softcap"]) for a in checked} >= {
-        (impl, k, cap) for impl in ("naive", "torch", "triton") for k, cap in ((0, None), (11, None), (0, 30.0))}
+        (impl, k, cap) for impl in ("naive", "torch", "triton", "triton_rows")
+        for k, cap in ((0, None), (11, None), (0, 30.0))}
+    assert {a["impl"] for a in checked if a["inputs"] == "peaked"} >= {"naive", "torch", "triton", "triton_rows"}
     for a in checked:
         loss_tol, grad_tol = (1e-5, 1e-4) if a["dtype"] == "float32" else (1e-2, 2e-2)
         assert a["loss_rel_err"] < loss_tol, a
         assert a["d_hidden_err"] < grad_tol and a["d_weight_err"] < grad_tol, a
         assert a["loss_float64"] > 0
+
+
+def test_chunk_micro_benchmark_ran(dry_run):
+    """The per-chunk pieces of strategy "rows": the three products (the float32 d_weight where the device
+    has out_dtype products), the row kernel in both launch modes and the copy, at each chunk size."""
+    report, _, stdout = dry_run
+    micro = report["chunk_micro"]
+    assert micro["status"] == "ok" and [r["chunk_rows"] for r in micro["rows"]] == [16, 32]
+    for row in micro["rows"]:
+        got = {p["piece"]: p for p in row["pieces"]}
+        assert set(got) == {"logits", "d_hidden", "d_weight bf16 beta=1", "d_weight fp32 beta=1", "kernel FUSED",
+                            "kernel GIVEN", "copy"}
+        for name in ("kernel FUSED", "kernel GIVEN", "copy"):
+            assert got[name]["median_s"] > 0 and got[name]["gb_s"] > 0
+        assert got["logits"]["tflops"] > 0
+    assert "strategy rows, per chunk" in stdout
+
+
+def test_peaked_inputs_are_peaked():
+    """inputs="peaked": the target's logit stands out (a high max probability, mostly at the target), unlike
+    the Gaussian inputs' near-uniform softmax; the weight and the targets are the same."""
+    g_h, g_w, g_y, _ = make_inputs(256, 64, 2048, 0, seed=4)
+    p_h, p_w, p_y, _ = make_inputs(256, 64, 2048, 0, seed=4, inputs="peaked")
+    assert torch.equal(g_w, p_w) and torch.equal(g_y, p_y)
+    for h, low, high in ((g_h, 0.0, 0.2), (p_h, 0.4, 0.9)):
+        p = torch.softmax(h @ g_w.T, 1)
+        assert low <= float(p.max(1).values.mean()) <= high
+    valid = p_y >= 0
+    assert float((torch.softmax(p_h @ p_w.T, 1).argmax(1) == p_y)[valid].float().mean()) > 0.3
 
 
 def test_oracle_matches_contract_by_hand():

@@ -46,7 +46,8 @@ class Limits:
 BIG = Limits(n=300, v=5000, d=130, k=40, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
 SMALL = Limits(n=40, v=700, d=40, k=6, dtypes=(torch.float32, torch.bfloat16, torch.float16))  # interpreter
 # the Triton backward's exact variants (filter_eps > 0 is approximate by design: kernels/README.md)
-KERNEL_OPTIONS = ((), (("deterministic", False),), (("weight_pass", "sweep"),))
+KERNEL_OPTIONS = ((), (("deterministic", False),), (("strategy", "recompute_sweep"),), (("strategy", "rows"),),
+                  (("chunk_rows", 16), ("strategy", "rows")))
 
 
 @st.composite

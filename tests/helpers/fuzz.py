@@ -143,9 +143,9 @@ class Bounds:
     """Error bounds of one example, from float64 logits of the (rounded) inputs.
 
     u_z: unit roundoff of the logits: the float32 accumulator (x a summation factor) for every path,
-    and the input dtype's for the torch path on 16-bit inputs (it rounds h W^T to the input dtype before
-    the float32 softmax). A row's logits then err by delta_i = u_z * M_i, with M_i = max_v (|h_i| . |W_v|
-    + |b_v|). Row statistics inherit delta_i (ce: 2 delta_i), the softmax a relative error of about
+    and the input dtype's for the torch path and Triton's strategy "rows" on 16-bit inputs (they round
+    h W^T to the input dtype before the float32 softmax). A row's logits then err by delta_i = u_z * M_i,
+    with M_i = max_v (|h_i| . |W_v| + |b_v|). Row statistics inherit delta_i (ce: 2 delta_i), the softmax a relative error of about
     2 delta_i; gradients add the rounding of their output dtype."""
 
     def __init__(self, impl, hidden, weight, bias, targets, concepts, probs, case: Case):
@@ -165,7 +165,9 @@ class Bounds:
         acc_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
         u_z = UNIT[acc_dtype] * (4.0 + 2.0 * math.sqrt(d))
         u_in = UNIT[case.dtype]
-        if impl == "torch" and case.dtype in (torch.bfloat16, torch.float16):
+        # the torch path and Triton's strategy "rows" take 16-bit logits from the matrix product
+        rows = dict(case.kernel_options).get("strategy") == "rows"
+        if (impl == "torch" or rows) and case.dtype in (torch.bfloat16, torch.float16):
             u_z = u_z + u_in
         self.delta = u_z * (m + 1.0)  # [N]
         if impl == "triton" and case.softcap is not None:
@@ -297,6 +299,12 @@ def _check_case(impl: str, case: Case) -> None:
     want = torch.autograd.grad(ref, [t for _, _, t in params], up, allow_unused=True)
     if any(wt is not None and not torch.isfinite(wt).all() for wt in want):
         return  # a concept set whose every id is masked: its float64 gradient is 0/0 (the package takes q = 0)
+    _check_grads(impl, case, bounds, params, got, want, up, alpha, beta, lse_fin, h64, w64)
+
+
+def _check_grads(impl, case, bounds, params, got, want, up, alpha, beta, lse_fin, h64, w64) -> None:
+    """The gradients of `_check_case` against their float64 values, within the error model of `Bounds`."""
+    n, delta, acc = case.n, bounds.delta, bounds.acc
     # |d loss / d z_iv| <= G_i (p_iv + listed_iv); its error <= eps_i G_i (p_iv + listed_iv)
     g = up.reshape(n) if case.reduction == "none" else torch.full((n,), float(up), dtype=torch.float64)
     if case.reduction == "mean":
@@ -310,10 +318,20 @@ def _check_case(impl: str, case: Case) -> None:
     shape_dz = bounds.p + bounds.listed
     # plus an absolute floor for probabilities below float32's normal range (subnormal, or flushed to 0)
     err_dz = (eps * big_g)[:, None] * shape_dz + big_g[:, None] * torch.finfo(torch.float32).smallest_normal
+    rows = dict(case.kernel_options).get("strategy") == "rows"
+    if rows and case.dtype == torch.float16:
+        # its logit gradient is stored in float16 even under the interpreter: entries below float16's normal
+        # range are rounded to its subnormal spacing (2^-24), in units of the forward's gradient when fused
+        spacing = torch.finfo(torch.float16).smallest_normal * torch.finfo(torch.float16).eps
+        err_dz = err_dz + spacing * (float(up.abs().max()) if case.reduction != "none" else 1.0)
     size_dz = big_g[:, None] * shape_dz
     hd = h64.detach().reshape(n, case.d).abs()
     wd = w64.detach().abs()
-    u_out = bounds.u_out
+    # a gradient formed in the forward (torch path, Triton's "rows" with "mean" / "sum") is rounded to its dtype
+    # there and again when the backward scales it by the upstream scalar: two roundings
+    fused = case.reduction != "none" and (impl == "torch" or dict(case.kernel_options).get("strategy") == "rows")
+    roundings = 2 if fused else 1
+    u_out = bounds.u_out * roundings
     for (name, t, _), g_got, g_want in zip(params, got, want):
         assert g_got.dtype == t.dtype, (name, g_got.dtype, t.dtype)
         if g_want is None:
@@ -324,6 +342,6 @@ def _check_case(impl: str, case: Case) -> None:
             err, size = err_dz.t() @ hd, size_dz.t() @ hd
         else:
             err, size = err_dz.sum(0), size_dz.sum(0)
-        tiny = torch.finfo(t.dtype).smallest_normal * torch.finfo(t.dtype).eps  # subnormal spacing
+        tiny = torch.finfo(t.dtype).smallest_normal * torch.finfo(t.dtype).eps * roundings  # subnormal spacing
         bound = err + (u_out + acc) * size + tiny
         assert_close(f"d_{name}", g_got.reshape(bound.shape), g_want.reshape(bound.shape), bound)
