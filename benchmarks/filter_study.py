@@ -49,16 +49,17 @@ EPS_QUICK = (0.0, 2.0 ** -16, 2.0 ** -12, 2.0 ** -10)
 VOCAB_CHUNK = 4096  # ids per pass of the float64 evaluation (a multiple of TILE)
 
 
-def activations(n_tokens: int, seq_len: int = 512):
-    """(h [N, D] bf16, W [V, D] bf16, targets [N]): SmolLM2-135M's final hidden states on the default corpus."""
+def activations(n_tokens: int, seq_len: int = 512, text=None):
+    """(h [N, D] bf16, W [V, D] bf16, targets [N]): SmolLM2-135M's final hidden states on `text` (default: the
+    package's default corpus)."""
     from fused_concept.training.data import default_corpus_text, token_chunks
     from fused_concept.integrations.hf import hidden_and_head, load_default_model
 
     model, tokenizer = load_default_model()
-    chunks = token_chunks(tokenizer, default_corpus_text(), seq_len + 1)
+    chunks = token_chunks(tokenizer, default_corpus_text() if text is None else text, seq_len + 1)
     need = -(-n_tokens // seq_len)
     if chunks.shape[0] < need:
-        raise SystemExit(f"the default corpus gives {chunks.shape[0]} sequences, {need} are needed")
+        raise SystemExit(f"the text gives {chunks.shape[0]} sequences of {seq_len} tokens, {need} are needed")
     ids = chunks[:need]
     with torch.no_grad():
         hidden, weight, bias, softcap = hidden_and_head(model, ids[:, :-1])

@@ -47,20 +47,9 @@ def news_text() -> str:
 
 def real_activations(n_tokens: int, seq_len: int = 512):
     """(h [N, D] bf16, W [V, D] bf16, next tokens [N]) of SmolLM2-135M on the news text."""
-    from fused_concept.integrations.hf import hidden_and_head, load_default_model
-    from fused_concept.training.data import token_chunks
+    from benchmarks.filter_study import activations
 
-    model, tokenizer = load_default_model()
-    chunks = token_chunks(tokenizer, news_text(), seq_len + 1)
-    need = -(-n_tokens // seq_len)
-    if chunks.shape[0] < need:
-        raise SystemExit(f"the news text gives {chunks.shape[0]} sequences of {seq_len}, {need} are needed")
-    ids = chunks[:need]
-    with torch.no_grad():
-        hidden, weight, bias, softcap = hidden_and_head(model, ids[:, :-1])
-    assert bias is None and softcap is None  # SmolLM2's head: z = h W^T
-    h = hidden.reshape(-1, hidden.shape[-1])[:n_tokens]
-    return h.to(torch.bfloat16), weight.detach().to(torch.bfloat16), ids[:, 1:].reshape(-1)[:n_tokens]
+    return activations(n_tokens, seq_len, text=news_text())
 
 
 def distribution_stats(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> dict:
