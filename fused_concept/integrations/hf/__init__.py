@@ -19,12 +19,16 @@ from __future__ import annotations
 from fused_concept.integrations.hf.model_head import base_model, hidden_and_head, model_head, unwrap_peft
 from fused_concept.integrations.hf.models import (DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE, default_gguf_path,
                                                   load_default_model, load_default_tokenizer, load_model)
-from fused_concept.integrations.hf.patch import check_head, is_patched, patch, unpatch
+from fused_concept.integrations.hf.patch import (REFUSED_FAMILIES, UnsupportedModel, check_head, family, is_patched,
+                                                 patch, unpatch)
 
 __all__ = [
     "patch",
     "unpatch",
     "is_patched",
+    "family",
+    "UnsupportedModel",
+    "REFUSED_FAMILIES",
     "ConceptCollator",
     "ConceptTrainer",
     "model_head",
