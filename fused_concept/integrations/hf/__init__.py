@@ -10,9 +10,11 @@ the logits. Computing it inside the head's forward lets FSDP2 gather a sharded h
 (``trainer.py``).
 
 Also here, for convenience: :func:`hidden_and_head` and :func:`check_head` (``model_head.py``) and the model
-loaders (``models.py``). Architectures whose
-causal-LM forward does more between the base model and the head than a logit scale and a softcap are
-not supported; :func:`check_head` compares against the model's own logits and says so.
+loaders (``models.py``). The patched forward is the family's own (``patch.py`` says how), so what a family does
+before its head and to its loss afterwards stays; a family whose forward does more between its head and its loss
+than a logit scale, a softcap and padding rows, or computes its loss without ``self.loss_function``, is refused
+by :func:`patch` (:class:`UnsupportedModel`). :func:`check_head` checks :func:`hidden_and_head` (base model + head)
+against the model's own logits.
 """
 from __future__ import annotations
 
