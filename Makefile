@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train eval sweep test bench fuzz stress
+.PHONY: setup train eval sweep test bench fuzz stress hf-families
 # setup also puts triton 3.6.0 (the GPU image's) in $(VENV)/triton-3.6.0, apart from the pinned one:
 # tests/backends/test_triton_compile.py compiles every kernel with both
 $(BIN)/.installed: requirements.txt setup.py
@@ -43,3 +43,7 @@ fuzz: setup
 # start and stop 2-rank CPU training 20 times; every run must exit cleanly (~1 min per run on 2 cores)
 stress: setup
 	$(BIN)/python tests/training/stress_shutdown.py --runs 20
+
+# every transformers causal-LM family through hf.patch on tiny random configs (minutes; exits 1 on a wrong number)
+hf-families: setup
+	$(BIN)/python tests/integrations/hf_families_sweep.py --out benchmarks/results/hf-families-latest

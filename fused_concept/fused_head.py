@@ -153,6 +153,23 @@ def unfuse_head(module):
     return module
 
 
+def head_of(module) -> Head:
+    """The :class:`Head` of fused head ``module`` as it is now (inside its forward under FSDP2: gathered)."""
+    return Head.of_module(module, **vars(module)[_FLAG]["head"])
+
+
+def fused_spec(module) -> TrainingLoss:
+    return vars(module)[_FLAG]["spec"]
+
+
+def set_intercept(module, fn) -> None:
+    """While ``fn`` is set (None unsets it), a call ``module(hidden)`` of fused head ``module`` (no targets) returns
+    ``fn(module, hidden, **kwargs)`` instead of the logits. Code that calls the head itself (a transformers forward,
+    ``self.lm_head(hidden_states)``) then runs ``fn`` inside the head's own forward, where FSDP2 has gathered the
+    weight; ``fn`` computes the loss of targets it was given beforehand (``hf.patch``'s forward)."""
+    vars(module)[_FLAG]["intercept"] = fn
+
+
 def model_logits(module, hidden: Tensor) -> Tensor:
     """The logits of fused head ``module`` (its first ``rows`` rows, scaled and capped) from its own forward,
     so that FSDP2 gathers the weight as for any call."""
@@ -169,6 +186,9 @@ def _fused_forward(self, hidden, targets=None, concepts=None, *, concept_probs=N
     if targets is None:
         if concepts is not None:
             raise ValueError("concepts were given without targets; pass targets too")
+        intercept = state.get("intercept")
+        if intercept is not None:  # a caller that set the targets beforehand (hf.patch's forward): see set_intercept
+            return intercept(self, hidden, **kwargs)
         return state["forward"](hidden, **kwargs)
     if kwargs:
         raise TypeError(f"the fused head got unexpected keyword arguments {sorted(kwargs)}")

@@ -10,21 +10,27 @@ the logits. Computing it inside the head's forward lets FSDP2 gather a sharded h
 (``trainer.py``).
 
 Also here, for convenience: :func:`hidden_and_head` and :func:`check_head` (``model_head.py``) and the model
-loaders (``models.py``). Architectures whose
-causal-LM forward does more between the base model and the head than a logit scale and a softcap are
-not supported; :func:`check_head` compares against the model's own logits and says so.
+loaders (``models.py``). The patched forward is the family's own (``patch.py`` says how), so what a family does
+before its head and to its loss afterwards stays; a family whose forward does more between its head and its loss
+than a logit scale, a softcap and padding rows, or computes its loss without ``self.loss_function``, is refused
+by :func:`patch` (:class:`UnsupportedModel`). :func:`check_head` checks :func:`hidden_and_head` (base model + head)
+against the model's own logits.
 """
 from __future__ import annotations
 
 from fused_concept.integrations.hf.model_head import base_model, hidden_and_head, model_head, unwrap_peft
 from fused_concept.integrations.hf.models import (DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE, default_gguf_path,
                                                   load_default_model, load_default_tokenizer, load_model)
-from fused_concept.integrations.hf.patch import check_head, is_patched, patch, unpatch
+from fused_concept.integrations.hf.patch import (REFUSED_FAMILIES, UnsupportedModel, check_head, family, is_patched,
+                                                 patch, unpatch)
 
 __all__ = [
     "patch",
     "unpatch",
     "is_patched",
+    "family",
+    "UnsupportedModel",
+    "REFUSED_FAMILIES",
     "ConceptCollator",
     "ConceptTrainer",
     "model_head",

@@ -18,6 +18,14 @@ from fused_concept.head import Head
 _LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier", "output_multiplier")  # logits = logits * value
 _LOGIT_DIVISORS = ("logits_scaling",)  # logits = logits / value
 
+# Family facts: causal-LM classes whose forward departs from the rule above (found by `make hf-families`, which
+# compares every family's patched loss with its own). Keys: "multiply" (config attributes it multiplies by,
+# instead of dividing), "softcap" False (it applies no final_logit_softcapping, although its config has one).
+_HEAD_FACTS = {
+    "HyperCLOVAXForCausalLM": dict(multiply=("logits_scaling",)),  # MuP: logits * logits_scaling
+    "Gemma3ForConditionalGeneration": dict(softcap=False),  # only Gemma3ForCausalLM caps its logits
+}
+
 
 def unwrap_peft(model):
     """PEFT wraps the transformers model; the head and the patch live on the inner one."""
@@ -50,13 +58,14 @@ def base_model(model):
     return base
 
 
-def _config_scale(config) -> float:
+def _config_scale(config, facts=None) -> float:
     """The product of every scalar the architecture multiplies its logits by (1.0 when none)."""
+    multiply = _LOGIT_MULTIPLIERS + tuple((facts or {}).get("multiply", ()))
     scale = 1.0
     for name in _LOGIT_MULTIPLIERS + _LOGIT_DIVISORS:
         value = getattr(config, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            scale = scale * float(value) if name in _LOGIT_MULTIPLIERS else scale / float(value)
+            scale = scale * float(value) if name in multiply else scale / float(value)
     return scale
 
 
@@ -64,11 +73,13 @@ def head_options(model) -> dict:
     """What a causal LM's config says about its head: the logit ``scale``, the ``softcap`` and the ``rows``
     that are real vocabulary (None: all), as keywords of :meth:`Head.of_module` and ``fuse_head``."""
     config = _text_config(model)
+    facts = _HEAD_FACTS.get(type(model).__name__, {})
     weight = getattr(model.get_output_embeddings(), "weight", None)
     unpadded = getattr(config, "unpadded_vocab_size", None)
     padded = isinstance(unpadded, int) and isinstance(weight, Tensor) and 0 < unpadded < weight.shape[0]
-    cap = getattr(config, "final_logit_softcapping", None)
-    return dict(scale=_config_scale(config), softcap=float(cap) if cap else None, rows=unpadded if padded else None)
+    cap = getattr(config, "final_logit_softcapping", None) if facts.get("softcap", True) else None
+    return dict(scale=_config_scale(config, facts), softcap=float(cap) if cap else None,
+                rows=unpadded if padded else None)
 
 
 def model_head(model) -> Head:
